@@ -1,0 +1,1 @@
+"""relay: the workstation's side of the network, and the root of the ``cardbridge`` command."""
