@@ -1,0 +1,67 @@
+"""The server's domain errors. Services raise these; ``server.api.errors`` alone turns them
+into HTTP responses ``{"error": code, "error_description": message}``.
+
+Each error has a stable ``code`` (part of the API contract) and an HTTP ``status``.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error the server reports to a client."""
+
+    code: str = "server_error"
+    status: int = 500
+
+    def __init__(self, description: str = "") -> None:
+        super().__init__(description or self.code)
+        self.description = description or self.code
+
+
+class InvalidRequest(ServerError):
+    """The request is malformed or names something inconsistent."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class Unauthorized(ServerError):
+    """No valid credentials (token, password, OTP) were presented."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ServerError):
+    """The caller is authenticated but may not do this."""
+
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(ServerError):
+    """The named user, credential or object does not exist (for this caller)."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(ServerError):
+    """The request conflicts with the current state (e.g. the user already exists)."""
+
+    code = "conflict"
+    status = 409
+
+
+class RateLimited(ServerError):
+    """Too many failed attempts; try again later."""
+
+    code = "rate_limited"
+    status = 429
+
+
+class HsmError(ServerError):
+    """The HSM refused or failed an operation (PKCS#11 errors are translated to this)."""
+
+    code = "hsm_error"
+    status = 502
