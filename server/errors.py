@@ -65,3 +65,42 @@ class HsmError(ServerError):
 
     code = "hsm_error"
     status = 502
+
+
+class PinIncorrect(ServerError):
+    """A wrong PIN; ``retries`` tries are left (the card answers 63Cx)."""
+
+    code = "invalid_pin"
+    status = 400
+
+    def __init__(self, retries: int, description: str = "") -> None:
+        super().__init__(description or f"Incorrect PIN, {retries} tries left")
+        self.retries = retries
+
+
+class PinBlocked(ServerError):
+    """The PIN (or, for an unblock, the PUK) has no tries left (the card answers 6983)."""
+
+    code = "pin_blocked"
+    status = 403
+
+
+class PukIncorrect(PinIncorrect):
+    """A wrong PUK; ``retries`` tries are left."""
+
+    code = "invalid_puk"
+
+    def __init__(self, retries: int) -> None:
+        super().__init__(retries, f"Incorrect PUK, {retries} tries left")
+
+
+class InvalidOtp(ServerError):
+    """A wrong, reused or missing one-time password (CSC ``invalid_otp``)."""
+
+    code = "invalid_otp"
+    status = 400
+
+
+class SadInvalid(InvalidRequest):
+    """The SAD is unknown, expired, spent, not the caller's or does not cover the hashes
+    (CSC ``invalid_request``, e.g. "Invalid parameter SAD", "SAD expired")."""
