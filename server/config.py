@@ -1,0 +1,121 @@
+"""Server settings: where the data directory's pieces are and the security policy.
+
+``cardbridge server init --data DIR`` writes ``DIR/server.json``; every other command reads it
+back with :meth:`Settings.load`. Paths in the file are stored as written (absolute by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SETTINGS_FILE = "server.json"
+DB_FILE = "cardbridge.db"
+DEFAULT_HSM_LABEL = "cardbridge"
+DEFAULT_BIND = "127.0.0.1:8443"
+
+
+class Policy(BaseModel):
+    """Security policy (DESIGN.md rules 4-6); lifetimes in seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_token_ttl: int = Field(default=15 * 60, gt=0)
+    refresh_token_ttl: int = Field(default=8 * 3600, gt=0)
+    sad_ttl: int = Field(default=5 * 60, gt=0)
+    enrollment_code_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+    pin_tries: int = Field(default=3, ge=1, le=15)
+    puk_tries: int = Field(default=3, ge=1, le=15)
+    otp_max_failures: int = Field(default=5, ge=1)
+    otp_window: int = Field(default=5 * 60, gt=0)
+    pin_always: bool = True
+    """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""
+    multisign: int = Field(default=16, ge=1)
+    """Most signatures one SAD may authorize (CSC ``multisign``)."""
+
+    def ttl(self, name: str) -> timedelta:
+        """The lifetime called ``name`` (e.g. ``"sad_ttl"``) as a timedelta."""
+        return timedelta(seconds=int(getattr(self, name)))
+
+
+class Settings(BaseModel):
+    """Everything a server process needs to start; see DESIGN.md "Storage and scale"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path
+    db_url: str
+    hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = DEFAULT_HSM_LABEL
+    hsm_pin_file: Path
+    bind: str = DEFAULT_BIND
+    tls_cert: Path
+    tls_key: Path
+    ca_cert: Path
+    ca_key_id: str | None = None
+    """Hex CKA_ID of the CA key in the HSM (``KeyRef.key_id``); set by ``server init``."""
+    ca_key_alg: str | None = None
+    """``KeyAlg`` value of the CA key; set by ``server init``."""
+    admin_token_file: Path
+    softhsm_conf: Path | None = None
+    """Set when the token is the data directory's own SoftHSM2 token."""
+    policy: Policy = Field(default_factory=Policy)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, raw: Any) -> Any:
+        """Fill the data directory's default paths for the fields left out."""
+        if not isinstance(raw, dict) or "data_dir" not in raw:
+            return raw
+        d = Path(raw["data_dir"]).expanduser().resolve()
+        defaults: dict[str, object] = {
+            "data_dir": d,
+            "db_url": f"sqlite:///{d / DB_FILE}",
+            "hsm_pin_file": d / "hsm-pin",
+            "tls_cert": d / "tls" / "server.pem",
+            "tls_key": d / "tls" / "server.key",
+            "ca_cert": d / "ca.pem",
+            "admin_token_file": d / "admin-token",
+        }
+        return {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path | str, **overrides: object) -> Settings:
+        """Settings with the data directory's defaults, changed by ``overrides``."""
+        return cls.model_validate({**overrides, "data_dir": data_dir})
+
+    @classmethod
+    def load(cls, data_dir: Path | str) -> Settings:
+        """Read ``DIR/server.json``.
+
+        :raises FileNotFoundError: when DIR was never initialised.
+        """
+        path = Path(data_dir) / SETTINGS_FILE
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw["data_dir"] = str(Path(data_dir))
+        return cls.model_validate(raw)
+
+    def save(self) -> Path:
+        """Write ``DIR/server.json`` (mode 0600: it names the HSM PIN file)."""
+        path = self.data_dir / SETTINGS_FILE
+        data = self.model_dump(mode="json", exclude={"data_dir"})
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    def hsm_pin(self) -> str:
+        """The HSM user PIN, read from :attr:`hsm_pin_file`."""
+        return self.hsm_pin_file.read_text(encoding="utf-8").strip()
+
+    def admin_url(self) -> str:
+        """The local server's base URL (``https://`` + :attr:`bind`)."""
+        return f"https://{self.bind}"

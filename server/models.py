@@ -1,0 +1,201 @@
+"""SQLAlchemy 2 models of the server's state.
+
+Secrets are never stored in clear: passwords, PINs and PUKs as argon2id hashes, tokens, SADs
+and enrollment codes as SHA-256 of their high-entropy value. The TOTP seed is the one secret the
+server must be able to read back (RFC 6238 needs it to compute codes).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: dict[Any, Any] = {datetime: UtcDateTime()}
+
+
+class User(Base):
+    """A person who owns credentials; holds the PIN/PUK and TOTP state (rules 5, 6)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str | None] = mapped_column(String(254))
+    upn: Mapped[str | None] = mapped_column(String(254))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    pin_hash: Mapped[str | None] = mapped_column(String(255))
+    puk_hash: Mapped[str | None] = mapped_column(String(255))
+    pin_retries: Mapped[int] = mapped_column(Integer, default=0)
+    puk_retries: Mapped[int] = mapped_column(Integer, default=0)
+
+    otp_secret: Mapped[str | None] = mapped_column(String(64))
+    otp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    otp_failures: Mapped[int] = mapped_column(Integer, default=0)
+    otp_window_start: Mapped[datetime | None]
+
+    credentials: Mapped[list[Credential]] = relationship(
+        back_populates="user", order_by="Credential.slot"
+    )
+
+
+class Credential(Base):
+    """One HSM key of a user in one PIV slot, with its certificate and policy (rule 2)."""
+
+    __tablename__ = "credentials"
+    __table_args__ = (UniqueConstraint("key_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    slot: Mapped[str] = mapped_column(String(2))
+    alg: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str] = mapped_column(String(128))
+    """Hex CKA_ID of the private key in the HSM."""
+    cert_pem: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    otp_per_signature: Mapped[bool] = mapped_column(Boolean, default=False)
+    pin_always: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="credentials")
+
+
+class AuthToken(Base):
+    """An opaque bearer token, stored as SHA-256; kinds: access, refresh, admin."""
+
+    __tablename__ = "auth_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("auth_tokens.id"))
+    """For an access token: the refresh token it came with (revoking that revokes this)."""
+    second_factor: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Sad(Base):
+    """Signature activation data (rule 4), stored as SHA-256 of the opaque value."""
+
+    __tablename__ = "sads"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sad_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), index=True)
+    remaining: Mapped[int] = mapped_column(Integer)
+    hashes: Mapped[list[str] | None] = mapped_column(JSON)
+    """Pinned digests (base64), or None when the SAD only carries a count (SCAL 1)."""
+    hash_oid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
+class EnrollmentCode(Base):
+    """A one-time code that lets one device fetch a user's credentials."""
+
+    __tablename__ = "enrollment_codes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+
+
+class Device(Base):
+    """A workstation's device key, registered by redeeming an enrollment code."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    """SHA-256 (hex) of the device public key's SubjectPublicKeyInfo."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditRecord(Base):
+    """One link of the hash-chained audit log (rule 7); rows are only ever inserted."""
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    )
+    time: Mapped[str] = mapped_column(String(32))
+    """ISO 8601 UTC with microseconds, exactly as hashed."""
+    actor: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(256))
+    details: Mapped[str] = mapped_column(Text)
+    """Canonical JSON, exactly as hashed."""
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The single row that serialises audit appends and remembers the chain's tip."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    last_hash: Mapped[str] = mapped_column(String(64))

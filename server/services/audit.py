@@ -1,0 +1,194 @@
+"""Hash-chained, append-only audit log (DESIGN.md rule 7).
+
+Each record is ``(seq, time, actor, event, subject, details, prev_hash, hash)`` with
+``hash = SHA-256(canonical JSON of every other field, prev_hash included)``. Appends are
+serialised through the single ``audit_head`` row: its ``UPDATE ... RETURNING`` takes the row
+lock (PostgreSQL) or the write lock (SQLite) until the caller's transaction commits, so several
+server processes append one after another and the chain never forks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.models import AuditHead, AuditRecord, utcnow
+
+GENESIS_HASH = "0" * 64
+HEAD_ID = 1
+
+
+class Event(StrEnum):
+    """The audited security events."""
+
+    LOGIN_OK = "login.ok"
+    LOGIN_FAILED = "login.failed"
+    LOGOUT = "logout"
+    REFRESH = "login.refresh"
+    PIN_OK = "pin.verify.ok"
+    PIN_FAILED = "pin.verify.failed"
+    PIN_CHANGE = "pin.change"
+    PIN_UNBLOCK = "pin.unblock"
+    PIN_UNBLOCK_FAILED = "pin.unblock.failed"
+    OTP_FAILED = "otp.failed"
+    AUTHORIZE = "credential.authorize"
+    SIGN = "sign"
+    DECRYPT = "decrypt"
+    ECDH = "ecdh"
+    ENROLL = "enroll"
+    DEVICE_ENROLL = "device.enroll"
+    REVOKE = "revoke"
+    USER_ADD = "admin.user.add"
+    USER_DISABLE = "admin.user.disable"
+    ADMIN_UNBLOCK = "admin.unblock"
+    CERT_CSR = "admin.cert.csr"
+    CERT_IMPORT = "admin.cert.import"
+    SERVER_INIT = "server.init"
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """Where :func:`verify` found the chain broken."""
+
+    seq: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"audit record {self.seq}: {self.reason}"
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    """The canonical encoding that is hashed: sorted-key, compact, ASCII JSON."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_hash(
+    seq: int, time: str, actor: str, event: str, subject: str, details: str, prev_hash: str
+) -> str:
+    """SHA-256 (hex) of one record's canonical encoding, chained through ``prev_hash``."""
+    fields = {
+        "seq": seq,
+        "time": time,
+        "actor": actor,
+        "event": event,
+        "subject": subject,
+        "details": details,
+        "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(canonical(fields)).hexdigest()
+
+
+def ensure_head(session: Session) -> None:
+    """Create the chain's head row if missing (migrations do this; kept for empty schemas)."""
+    if session.get(AuditHead, HEAD_ID) is None:
+        session.add(AuditHead(id=HEAD_ID, last_seq=0, last_hash=GENESIS_HASH))
+        session.flush()
+
+
+def append(
+    session: Session,
+    *,
+    actor: str,
+    event: Event | str,
+    subject: str = "",
+    details: Mapping[str, Any] | None = None,
+) -> AuditRecord:
+    """Append one record in the caller's transaction (the caller commits).
+
+    :param actor: who acted, e.g. ``"user:alice"``, ``"admin"``, ``"device:<id>"``.
+    :param subject: what was acted on, e.g. ``"user:bob"``, ``"credential:<id>"``.
+    :param details: non-secret facts (never PINs, passwords, OTPs, tokens or key material).
+    """
+    row = session.execute(
+        update(AuditHead)
+        .where(AuditHead.id == HEAD_ID)
+        .values(last_seq=AuditHead.last_seq + 1)
+        .returning(AuditHead.last_seq, AuditHead.last_hash)
+    ).one_or_none()
+    if row is None:
+        raise RuntimeError("audit_head row missing: run the migrations")
+    seq, prev_hash = int(row[0]), str(row[1])
+    time = utcnow().isoformat(timespec="microseconds")
+    details_json = canonical(dict(details or {})).decode()
+    digest = record_hash(seq, time, actor, str(event), subject, details_json, prev_hash)
+    record = AuditRecord(
+        seq=seq,
+        time=time,
+        actor=actor,
+        event=str(event),
+        subject=subject,
+        details=details_json,
+        prev_hash=prev_hash,
+        hash=digest,
+    )
+    session.add(record)
+    session.execute(update(AuditHead).where(AuditHead.id == HEAD_ID).values(last_hash=digest))
+    session.flush()
+    return record
+
+
+def log(
+    session: Session,
+    *,
+    actor: str,
+    event: Event | str,
+    subject: str = "",
+    details: Mapping[str, Any] | None = None,
+) -> None:
+    """Append one record and commit it on its own (for events with no other state change)."""
+    append(session, actor=actor, event=event, subject=subject, details=details)
+    session.commit()
+
+
+def _records(session: Session) -> Iterator[AuditRecord]:
+    yield from session.scalars(
+        select(AuditRecord).order_by(AuditRecord.seq).execution_options(yield_per=1000)
+    )
+
+
+def verify(session: Session) -> BadRecord | None:
+    """Check the whole chain; return the first bad record, or None when it is intact.
+
+    Detects an edited record (its hash no longer matches), a deleted one (a gap in ``seq`` or a
+    broken ``prev_hash`` link; a deleted tail shows against the head row) and reordering (the
+    hash covers ``seq`` and the previous hash).
+    """
+    expected_seq, prev = 1, GENESIS_HASH
+    for rec in _records(session):
+        if rec.seq != expected_seq:
+            return BadRecord(expected_seq, f"missing (next record is {rec.seq})")
+        if rec.prev_hash != prev:
+            return BadRecord(rec.seq, "prev_hash does not link to the previous record")
+        again = record_hash(
+            rec.seq, rec.time, rec.actor, rec.event, rec.subject, rec.details, rec.prev_hash
+        )
+        if again != rec.hash:
+            return BadRecord(rec.seq, "contents do not match its hash")
+        prev = rec.hash
+        expected_seq += 1
+    head = session.get(AuditHead, HEAD_ID)
+    if head is not None and (head.last_seq != expected_seq - 1 or head.last_hash != prev):
+        return BadRecord(expected_seq, f"missing (the chain's head is record {head.last_seq})")
+    return None
+
+
+def export(session: Session) -> Iterator[dict[str, Any]]:
+    """Every record, oldest first, as JSON-ready dicts (``details`` decoded)."""
+    for rec in _records(session):
+        yield {
+            "seq": rec.seq,
+            "time": rec.time,
+            "actor": rec.actor,
+            "event": rec.event,
+            "subject": rec.subject,
+            "details": json.loads(rec.details),
+            "prev_hash": rec.prev_hash,
+            "hash": rec.hash,
+        }
