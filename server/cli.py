@@ -1,0 +1,515 @@
+"""``cardbridge server …`` (set up and run the signing server) and ``cardbridge admin …`` (a
+client of its Administration API).
+
+Both apps use :class:`_Group`, the one place where errors become a one-line message and a
+non-zero exit; no command prints a traceback. Secrets (passwords, PINs, PUKs, OTP seeds,
+enrollment codes) are printed to stdout only when they are the result the user asked for, and
+are never logged.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from server.adminclient import SERVER_URL_FILE, AdminApiError, AdminClient
+from server.config import DEFAULT_BIND, Settings
+from server.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+#: The environment variable that tells each uvicorn worker which data directory to serve.
+DATA_ENV = "CARDBRIDGE_DATA"
+#: The environment variable ``cardbridge admin --token`` falls back to.
+TOKEN_ENV = "CARDBRIDGE_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+
+ENROLL_JSON_KEYS = ("user", "pin", "puk", "otp_uri", "enrollment_code", "credentials")
+CREDENTIAL_JSON_KEYS = ("slot", "credential_id", "alg")
+
+
+class Slot(StrEnum):
+    """The PIV key slots the server holds keys for."""
+
+    AUTHENTICATION = "9a"
+    SIGNATURE = "9c"
+    KEY_MANAGEMENT = "9d"
+    CARD_AUTHENTICATION = "9e"
+
+
+class Alg(StrEnum):
+    """Key algorithms, by their CLI names."""
+
+    P256 = "p256"
+    P384 = "p384"
+    RSA2048 = "rsa2048"
+    RSA3072 = "rsa3072"
+    RSA4096 = "rsa4096"
+    ED25519 = "ed25519"
+
+
+class CliError(Exception):
+    """A failure the user can act on, reported as one line."""
+
+
+class _Group(TyperGroup):
+    """Runs a command; the single place where every error becomes one line on stderr
+    (``Error: …``) and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors and normal exits: typer reports them itself
+        except (CliError, AdminApiError, OSError, ValueError) as e:
+            message = str(e)
+        except ServerError as e:
+            message = f"{e.description} ({e.code})"
+        except Exception as e:
+            log.debug("unexpected error", exc_info=True)
+            message = f"unexpected error: {type(e).__name__}: {e}"
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(1)
+
+
+server_app = typer.Typer(
+    name="server",
+    cls=_Group,
+    no_args_is_help=True,
+    help="Set up and run the signing server (HSM keys, CA, CSC signing API, admin API).",
+)
+admin_app = typer.Typer(
+    name="admin",
+    cls=_Group,
+    no_args_is_help=True,
+    help="Administer a running server through its Administration API.",
+)
+user_app = typer.Typer(name="user", no_args_is_help=True, help="Manage users.")
+cert_app = typer.Typer(name="cert", no_args_is_help=True, help="Certificates from an external CA.")
+audit_app = typer.Typer(name="audit", no_args_is_help=True, help="The hash-chained audit log.")
+admin_app.add_typer(user_app)
+admin_app.add_typer(cert_app)
+admin_app.add_typer(audit_app)
+
+DataOpt = Annotated[
+    Path,
+    typer.Option("--data", help="The server's data directory.", file_okay=False, resolve_path=True),
+]
+
+
+# -- cardbridge server ---------------------------------------------------------------------
+
+
+@server_app.command("init")
+def server_init(
+    data: DataOpt,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Database URL (default: SQLite in DIR), e.g. postgresql://…"),
+    ] = None,
+    hsm_module: Annotated[
+        Path | None,
+        typer.Option("--hsm-module", help="PKCS#11 module (default: a SoftHSM2 token in DIR)."),
+    ] = None,
+    token_label: Annotated[
+        str | None, typer.Option("--token-label", help="Label of the PKCS#11 token.")
+    ] = None,
+    hsm_pin_file: Annotated[
+        Path | None,
+        typer.Option("--hsm-pin-file", help="File holding the token's user PIN.", dir_okay=False),
+    ] = None,
+) -> None:
+    """Create (or complete) a data directory: database, HSM token, CA, TLS certificate, admin
+    token. Running it again destroys nothing."""
+    from server.datadir import init_data_dir
+
+    if hsm_module is not None and (token_label is None or hsm_pin_file is None):
+        raise CliError("--hsm-module needs --token-label and --hsm-pin-file")
+    before = _snapshot(data)
+    settings = init_data_dir(
+        data,
+        db_url=db,
+        hsm_module=str(hsm_module) if hsm_module else None,
+        token_label=token_label,
+        hsm_pin_file=hsm_pin_file,
+    )
+    after = _snapshot(data)
+    created = sorted(after - before)
+    typer.echo(f"data directory: {data}")
+    typer.echo(f"database:       {_redact_url(settings.db_url)}")
+    typer.echo(f"HSM:            {settings.hsm_module} (token {settings.token_label!r})")
+    if created:
+        typer.echo("created:")
+        for rel in created:
+            typer.echo(f"  {rel}")
+    else:
+        typer.echo("nothing to create: the data directory was already complete")
+
+
+@server_app.command("run")
+def server_run(
+    data: DataOpt,
+    bind: Annotated[
+        str | None, typer.Option("--bind", help=f"HOST:PORT (default {DEFAULT_BIND}).")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", min=1, help="Worker processes; each opens its own HSM session."),
+    ] = 1,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Serve HTTPS with the TLS certificate from DIR until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    settings = Settings.load(data)
+    host, port = parse_bind(bind or settings.bind)
+    os.environ[DATA_ENV] = str(data)
+    url_file = data / SERVER_URL_FILE
+    url_file.write_text(local_url(host, port) + "\n")
+    try:
+        uvicorn.run(
+            "server.cli:app_factory",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            ssl_certfile=str(settings.tls_cert),
+            ssl_keyfile=str(settings.tls_key),
+            log_level=log_level,
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        url_file.unlink(missing_ok=True)
+
+
+def app_factory() -> Any:
+    """The ASGI app of one uvicorn worker, for the data directory in ``$CARDBRIDGE_DATA``."""
+    from server.app import create_app
+    return create_app(Settings.load(Path(os.environ[DATA_ENV])))
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8443`` for IPv6)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--bind wants HOST:PORT, got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a local client uses to reach a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - the wildcard is mapped to loopback here
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def _snapshot(data: Path) -> set[str]:
+    if not data.is_dir():
+        return set()
+    return {str(p.relative_to(data)) for p in data.iterdir()}
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{hostpart}"
+
+
+# -- cardbridge admin ----------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """Where ``cardbridge admin`` sends its requests; the client is opened on first use."""
+
+    data: Path | None
+    server: str | None
+    token: str | None
+    ca: Path | None
+    _client: AdminClient | None = None
+
+    def client(self) -> AdminClient:
+        if self._client is None:
+            self._client = self._open()
+        return self._client
+
+    def _open(self) -> AdminClient:
+        if self.data is not None:
+            return client_for_data_dir(self.data, server=self.server, token=self.token)
+        if self.server is None or self.token is None:
+            raise CliError(f"give --data DIR, or --server URL with --token T (or ${TOKEN_ENV})")
+        return AdminClient(self.server, self.token, ca_file=self.ca)
+
+
+def client_for_data_dir(
+    data: Path, *, server: str | None = None, token: str | None = None
+) -> AdminClient:
+    """An admin client of the local server of ``data``: its URL (from ``server run``), its
+    admin token and its CA."""
+    settings = Settings.load(data)
+    if server is None:
+        url_file = data / SERVER_URL_FILE
+        if url_file.is_file():
+            server = url_file.read_text().strip()
+        else:
+            server = local_url(*parse_bind(settings.bind))
+    if token is None:
+        token = settings.admin_token_file.read_text().strip()
+    return AdminClient(server, token, ca_file=settings.ca_cert)
+
+
+@admin_app.callback()
+def admin_main(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Data directory of a local server.", file_okay=False),
+    ] = None,
+    server: Annotated[str | None, typer.Option("--server", help="Server URL.")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar=TOKEN_ENV, help="Admin API token.")
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="CA certificate to trust (with --server).", dir_okay=False),
+    ] = None,
+) -> None:
+    """Administer a running server (``--data DIR`` locally, or ``--server URL --token T``)."""
+    target = _Target(data=data, server=server, token=token, ca=ca)
+    ctx.obj = target
+    ctx.call_on_close(lambda: target._client.close() if target._client else None)
+
+
+def _client(ctx: typer.Context) -> AdminClient:
+    target = ctx.find_object(_Target)
+    if target is None:
+        raise CliError("internal: no admin target")
+    return target.client()
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+@user_app.command("add")
+def user_add(
+    ctx: typer.Context,
+    name: str,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin's first line.")
+    ] = False,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    upn: Annotated[
+        str | None, typer.Option("--upn", help="User principal name (card logon).")
+    ] = None,
+) -> None:
+    """Add a user. Without --password-stdin, prompt (hidden) on a terminal or generate one."""
+    password = _read_password(password_stdin)
+    generated = password is None
+    if generated:
+        password = secrets.token_urlsafe(15)
+    _client(ctx).add_user(name, password=password, email=email, upn=upn)
+    typer.echo(f"user {name} added")
+    if generated:
+        typer.echo(f"password: {password}")
+
+
+def _read_password(from_stdin: bool) -> str | None:
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise CliError("--password-stdin: stdin holds no password")
+        return line
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass("Password (empty: generate one): ")
+    if not first:
+        return None
+    if getpass.getpass("Repeat password: ") != first:
+        raise CliError("the passwords do not match")
+    return first
+
+
+@user_app.command("list")
+def user_list(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List users and their state."""
+    users = _client(ctx).list_users()
+    if as_json:
+        _print_json(users)
+        return
+    if not users:
+        typer.echo("no users")
+        return
+    columns = list(dict.fromkeys(k for u in users for k in u))
+    rows = [[_cell(u.get(c)) for c in columns] for u in users]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+@user_app.command("disable")
+def user_disable(ctx: typer.Context, name: str) -> None:
+    """Disable a user: no login, no key use."""
+    _client(ctx).disable_user(name)
+    typer.echo(f"user {name} disabled")
+
+
+@admin_app.command("enroll")
+def enroll(
+    ctx: typer.Context,
+    name: str,
+    alg: Annotated[Alg, typer.Option("--alg", help="Key algorithm.")] = Alg.P256,
+    otp_per_signature: Annotated[
+        bool, typer.Option("--otp-per-signature", help="Ask for a TOTP with every signature.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Generate NAME's 9A/9C/9D/9E keys and certificates, initial PIN and PUK, TOTP secret and
+    a one-time enrollment code, and print them (once)."""
+    result = _client(ctx).enroll(name, alg=alg.value, otp_per_signature=otp_per_signature)
+    missing = [k for k in ENROLL_JSON_KEYS if k not in result]
+    if missing:
+        raise CliError(f"the server's enrollment answer lacks {', '.join(missing)}")
+    creds = [{k: c.get(k) for k in CREDENTIAL_JSON_KEYS} for c in result["credentials"]]
+    if as_json:
+        _print_json({**{k: result[k] for k in ENROLL_JSON_KEYS}, "credentials": creds})
+        return
+    typer.echo(f"user:            {result['user']}")
+    typer.echo(f"PIN:             {result['pin']}")
+    typer.echo(f"PUK:             {result['puk']}")
+    typer.echo(f"enrollment code: {result['enrollment_code']}")
+    for c in creds:
+        typer.echo(f"slot {c['slot']}: {c['alg']} credential {c['credential_id']}")
+    typer.echo(f"TOTP:            {result['otp_uri']}")
+    _print_qr(str(result["otp_uri"]))
+
+
+def _print_qr(uri: str) -> None:
+    import segno
+
+    segno.make(uri, error="m").terminal(out=sys.stdout, compact=True)
+
+
+@admin_app.command("revoke")
+def revoke(ctx: typer.Context, name: str) -> None:
+    """Revoke NAME's credentials and enrolled devices."""
+    _client(ctx).revoke(name)
+    typer.echo(f"user {name}: credentials revoked")
+
+
+@admin_app.command("unblock")
+def unblock(ctx: typer.Context, name: str) -> None:
+    """Reset NAME's blocked PIN (and PIN retry counter)."""
+    result = _client(ctx).unblock(name)
+    typer.echo(f"user {name}: PIN unblocked")
+    if result.get("pin"):
+        typer.echo(f"new PIN: {result['pin']}")
+
+
+SlotArg = Annotated[Slot, typer.Argument(case_sensitive=False)]
+
+
+@cert_app.command("csr")
+def cert_csr(
+    ctx: typer.Context,
+    name: str,
+    slot: SlotArg,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the CSR here (default stdout).")
+    ] = None,
+) -> None:
+    """Write a CSR for NAME's key in SLOT, signed in the HSM, for an external CA."""
+    pem = _client(ctx).cert_csr(name, slot.value)
+    if output is None:
+        typer.echo(pem.rstrip("\n"))
+    else:
+        output.write_text(pem)
+        typer.echo(f"CSR written to {output}")
+
+
+@cert_app.command("import")
+def cert_import(
+    ctx: typer.Context,
+    name: str,
+    slot: SlotArg,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+) -> None:
+    """Install the certificate in FILE (PEM or DER) for NAME's key in SLOT, after the server
+    checks it matches the key."""
+    pem = _as_pem_certificate(file.read_bytes())
+    _client(ctx).cert_import(name, slot.value, pem)
+    typer.echo(f"user {name}: certificate installed in slot {slot.value}")
+
+
+def _as_pem_certificate(raw: bytes) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        cert = x509.load_pem_x509_certificate(raw) if b"-----BEGIN" in raw else (
+            x509.load_der_x509_certificate(raw)
+        )
+    except ValueError as e:
+        raise CliError(f"not an X.509 certificate: {e}") from e
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
+@audit_app.command("verify")
+def audit_verify(ctx: typer.Context) -> None:
+    """Check the audit log's hash chain; exit 1 and name the first bad record if broken."""
+    result = _client(ctx).audit_verify()
+    bad = result.get("first_bad")
+    if result.get("ok") and bad is None:
+        typer.echo(f"audit log OK: {result.get('records', '?')} records")
+        return
+    raise CliError(f"audit log BROKEN at {_describe_record(bad)}")
+
+
+def _describe_record(bad: Any) -> str:
+    if isinstance(bad, dict):
+        keys = ("id", "seq", "event", "reason")
+        parts = [f"{k}={bad[k]}" for k in keys if bad.get(k) is not None]
+        return "record " + ", ".join(parts) if parts else json.dumps(bad)
+    return f"record {bad}"
+
+
+@audit_app.command("export")
+def audit_export(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Print every audit record, oldest first (one JSON object per line, or --json)."""
+    records = _client(ctx).audit_export()
+    if isinstance(records, dict) and "records" in records:
+        records = records["records"]
+    if as_json:
+        _print_json(records)
+        return
+    for rec in records:
+        typer.echo(json.dumps(rec, separators=(",", ":")))
