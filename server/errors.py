@@ -104,3 +104,9 @@ class InvalidOtp(ServerError):
 class SadInvalid(InvalidRequest):
     """The SAD is unknown, expired, spent, not the caller's or does not cover the hashes
     (CSC ``invalid_request``, e.g. "Invalid parameter SAD", "SAD expired")."""
+
+
+class PaddingRejected(InvalidRequest):
+    """A raw RSA block is not an allowed encoding for this key (security rule 3)."""
+
+    code = "invalid_padding"
