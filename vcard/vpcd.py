@@ -18,13 +18,13 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable
 from typing import Final, Protocol
+
+from vcard.apdu import TRAFFIC, redact, redact_response
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
-    "TRAFFIC",
     "Card",
     "VpcdLink",
     "VpcdUnreachable",
@@ -33,10 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-TRAFFIC: Final = 5
-"""Log level of APDU traces (below DEBUG), as in yubikit."""
-logging.addLevelName(TRAFFIC, "TRAFFIC")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 0x8C7B  # 35963, vpcd's first slot
@@ -92,18 +88,15 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _hex(data: bytes) -> str:
-    return data.hex(" ").upper()
-
-
 class VpcdLink:
     """Connects a card to vpcd and serves it until stopped.
 
     :param card: the card to present.
     :param host: vpcd's address.
     :param port: vpcd's TCP port (35963 for the first slot, +1 for the second).
-    :param redact: maps a C-APDU to a loggable form without secrets; used only when the
-        TRAFFIC level is enabled. Without it, APDU bodies are never logged.
+
+    APDUs are logged at the TRAFFIC level (5) only, with secrets redacted by
+    :func:`vcard.apdu.redact`; responses show only their length and status word.
     """
 
     def __init__(
@@ -111,13 +104,10 @@ class VpcdLink:
         card: Card,
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
-        *,
-        redact: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.card = card
         self.host = host
         self.port = port
-        self._redact = redact
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -145,13 +135,10 @@ class VpcdLink:
                 logger.warning("vpcd: unknown control code %02X ignored", code)
             return None
         if logger.isEnabledFor(TRAFFIC):
-            shown = self._redact(payload) if self._redact else payload[:5]
-            logger.log(TRAFFIC, "SEND %s", _hex(shown))
+            logger.log(TRAFFIC, "> %s", redact(payload))
         response = self.card.transmit(payload)
         if logger.isEnabledFor(TRAFFIC):
-            # Responses can carry key material only through GENERATE (public keys) or
-            # decrypted blocks; log the status word and the length, never the data.
-            logger.log(TRAFFIC, "RECV %d bytes, SW %s", len(response) - 2, _hex(response[-2:]))
+            logger.log(TRAFFIC, "< %s", redact_response(response))
         return response
 
     # -- connection -----------------------------------------------------------------------
