@@ -13,10 +13,8 @@ import getpass
 import json
 import logging
 import os
-import secrets
 import sys
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +24,7 @@ from typer.core import TyperGroup
 from server.adminclient import SERVER_URL_FILE, AdminApiError, AdminClient
 from server.config import DEFAULT_BIND, Settings
 from server.errors import ServerError
+from server.schemas import KeyAlgName, Slot
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +35,6 @@ TOKEN_ENV = "CARDBRIDGE_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secr
 
 ENROLL_JSON_KEYS = ("user", "pin", "puk", "otp_uri", "enrollment_code", "credentials")
 CREDENTIAL_JSON_KEYS = ("slot", "credential_id", "alg")
-
-
-class Slot(StrEnum):
-    """The PIV key slots the server holds keys for."""
-
-    AUTHENTICATION = "9a"
-    SIGNATURE = "9c"
-    KEY_MANAGEMENT = "9d"
-    CARD_AUTHENTICATION = "9e"
-
-
-class Alg(StrEnum):
-    """Key algorithms, by their CLI names."""
-
-    P256 = "p256"
-    P384 = "p384"
-    RSA2048 = "rsa2048"
-    RSA3072 = "rsa3072"
-    RSA4096 = "rsa4096"
-    ED25519 = "ed25519"
 
 
 class CliError(Exception):
@@ -319,15 +298,13 @@ def user_add(
         str | None, typer.Option("--upn", help="User principal name (card logon).")
     ] = None,
 ) -> None:
-    """Add a user. Without --password-stdin, prompt (hidden) on a terminal or generate one."""
+    """Add a user. Without --password-stdin, prompt (hidden) on a terminal; with no password
+    given the server generates one, printed once."""
     password = _read_password(password_stdin)
-    generated = password is None
-    if generated:
-        password = secrets.token_urlsafe(15)
-    _client(ctx).add_user(name, password=password, email=email, upn=upn)
+    result = _client(ctx).add_user(name, password=password, email=email, upn=upn)
     typer.echo(f"user {name} added")
-    if generated:
-        typer.echo(f"password: {password}")
+    if password is None and result.get("password"):
+        typer.echo(f"password: {result['password']}")
 
 
 def _read_password(from_stdin: bool) -> str | None:
@@ -385,7 +362,7 @@ def user_disable(ctx: typer.Context, name: str) -> None:
 def enroll(
     ctx: typer.Context,
     name: str,
-    alg: Annotated[Alg, typer.Option("--alg", help="Key algorithm.")] = Alg.P256,
+    alg: Annotated[KeyAlgName, typer.Option("--alg", help="Key algorithm.")] = KeyAlgName.p256,
     otp_per_signature: Annotated[
         bool, typer.Option("--otp-per-signature", help="Ask for a TOTP with every signature.")
     ] = False,
@@ -485,19 +462,11 @@ def _as_pem_certificate(raw: bytes) -> str:
 def audit_verify(ctx: typer.Context) -> None:
     """Check the audit log's hash chain; exit 1 and name the first bad record if broken."""
     result = _client(ctx).audit_verify()
-    bad = result.get("first_bad")
-    if result.get("ok") and bad is None:
-        typer.echo(f"audit log OK: {result.get('records', '?')} records")
+    if result.get("ok"):
+        typer.echo(f"audit log OK: {result.get('records')} records")
         return
-    raise CliError(f"audit log BROKEN at {_describe_record(bad)}")
-
-
-def _describe_record(bad: Any) -> str:
-    if isinstance(bad, dict):
-        keys = ("id", "seq", "event", "reason")
-        parts = [f"{k}={bad[k]}" for k in keys if bad.get(k) is not None]
-        return "record " + ", ".join(parts) if parts else json.dumps(bad)
-    return f"record {bad}"
+    reason = result.get("reason") or "broken"
+    raise CliError(f"audit log BROKEN at record {result.get('first_bad')}: {reason}")
 
 
 @audit_app.command("export")
