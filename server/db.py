@@ -7,11 +7,11 @@ SQLite (the data directory's default) and PostgreSQL (several server nodes) are 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,3 +62,8 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision`` (idempotent)."""
     command.upgrade(alembic_config(url), revision)
+
+
+def affected(result: Result[Any]) -> int:
+    """Rows matched by an ``UPDATE``/``DELETE`` (the guard of every atomic counter)."""
+    return cast(CursorResult[Any], result).rowcount

@@ -1,0 +1,58 @@
+"""A user's credentials (one HSM key per PIV slot) and the checks before any key use (rule 2)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.errors import Forbidden, NotFound
+from server.hsm import KeyAlg, KeyRef
+from server.models import Credential, User
+
+ACTIVE, REVOKED = "active", "revoked"
+SLOTS = ("9a", "9c", "9d", "9e")
+"""PIV authentication, digital signature, key management, card authentication."""
+
+
+def list_for_user(session: Session, user_id: int, *, only_active: bool = True) -> list[Credential]:
+    """The user's credentials ordered by slot."""
+    q = select(Credential).where(Credential.user_id == user_id).order_by(Credential.slot)
+    if only_active:
+        q = q.where(Credential.status == ACTIVE)
+    return list(session.scalars(q))
+
+
+def get_for_user(session: Session, user_id: int, credential_id: str) -> Credential:
+    """The caller's usable credential ``credential_id``.
+
+    :raises NotFound: no such credential, or another user's (not told apart).
+    :raises Forbidden: revoked, or its owner is disabled.
+    """
+    cred = session.get(Credential, credential_id)
+    if cred is None or cred.user_id != user_id:
+        raise NotFound("unknown credentialID")
+    if cred.status != ACTIVE or cred.user.disabled:
+        raise Forbidden("the credential is disabled")
+    return cred
+
+
+def get_by_slot(session: Session, user: User, slot: str) -> Credential:
+    """The user's active credential in ``slot`` (e.g. ``"9c"``).
+
+    :raises NotFound: none.
+    """
+    cred = session.scalar(
+        select(Credential).where(
+            Credential.user_id == user.id,
+            Credential.slot == slot.lower(),
+            Credential.status == ACTIVE,
+        )
+    )
+    if cred is None:
+        raise NotFound(f"user {user.name!r} has no active key in slot {slot}")
+    return cred
+
+
+def key_ref(cred: Credential) -> KeyRef:
+    """The HSM key of ``cred``."""
+    return KeyRef(cred.key_id, KeyAlg(cred.alg))

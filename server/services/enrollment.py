@@ -1,0 +1,220 @@
+"""Enrollment: a user's PIV keys generated in the HSM, their certificates, PIN, PUK, TOTP and a
+one-time enrollment code; revocation; CSR and certificate import for an external CA.
+
+No partial writes (rule 8): if any HSM or CA step fails, the database is rolled back and the
+keys generated so far are destroyed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from server import ca
+from server.config import Settings
+from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, ServerError
+from server.hsm import Hsm, KeyAlg, KeyRef
+from server.models import Credential, Device, EnrollmentCode, utcnow
+from server.services import audit, credentials, otp, pins, users
+from server.services.credentials import ACTIVE, REVOKED, SLOTS
+from server.services.hashing import new_token, token_digest
+
+PIN_LEN = 6
+KEY_AGREEMENT_FALLBACK = KeyAlg.P256
+"""9D must decrypt or agree keys; Ed25519 can do neither, so an Ed25519 enrollment gets P-256
+there (SoftHSM has no X25519)."""
+
+
+@dataclass(frozen=True)
+class EnrolledCredential:
+    slot: str
+    credential_id: str
+    alg: str
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    """What ``admin enroll`` prints; PIN, PUK and code are shown once and never stored."""
+
+    user: str
+    pin: str
+    puk: str
+    otp_uri: str
+    enrollment_code: str
+    credentials: list[EnrolledCredential] = field(default_factory=list)
+
+
+def load_ca(settings: Settings) -> tuple[KeyRef, x509.Certificate]:
+    """The built-in CA's HSM key and certificate, as ``server init`` recorded them."""
+    if settings.ca_key_id is None or settings.ca_key_alg is None or not settings.ca_cert.exists():
+        raise ServerError("the data directory has no CA: run `cardbridge server init`")
+    cert = x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
+    return KeyRef(settings.ca_key_id, KeyAlg(settings.ca_key_alg)), cert
+
+
+def _slot_alg(alg: KeyAlg, slot: str) -> KeyAlg:
+    return KEY_AGREEMENT_FALLBACK if slot == "9d" and alg == KeyAlg.ED25519 else alg
+
+
+def enroll(
+    session: Session,
+    hsm: Hsm,
+    settings: Settings,
+    name: str,
+    *,
+    alg: KeyAlg = KeyAlg.P256,
+    otp_per_signature: bool = False,
+    actor: str = "admin",
+) -> EnrollmentResult:
+    """Enroll ``name``: keys for 9A/9C/9D/9E, certificates from the built-in CA, PIN, PUK,
+    TOTP secret and a one-time enrollment code.
+
+    ``otp_per_signature`` applies to the 9C (digital signature) credential; ``pin_always``
+    comes from the policy and applies to 9C too.
+
+    :raises Conflict: the user already has active credentials (revoke first).
+    :raises Forbidden: the user is disabled.
+    """
+    policy = settings.policy
+    user = users.get_user(session, name)
+    if user.disabled:
+        raise Forbidden(f"user {name!r} is disabled")
+    if credentials.list_for_user(session, user.id):
+        raise Conflict(f"user {name!r} is already enrolled; revoke first")
+    ca_ref, ca_cert = load_ca(settings)
+    generated: list[KeyRef] = []
+    enrolled: list[EnrolledCredential] = []
+    try:
+        for slot in SLOTS:
+            slot_alg = _slot_alg(alg, slot)
+            cred_id = new_token()[:22]
+            ref = hsm.generate_key(slot_alg, f"{name}/{slot}/{cred_id}")
+            generated.append(ref)
+            cert = ca.issue_slot_cert(
+                hsm, ca_ref, ca_cert, slot, hsm.public_key(ref), name, user.email, user.upn
+            )
+            session.add(
+                Credential(
+                    id=cred_id,
+                    user_id=user.id,
+                    slot=slot,
+                    alg=str(slot_alg),
+                    key_id=ref.key_id,
+                    cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                    status=ACTIVE,
+                    otp_per_signature=otp_per_signature and slot == "9c",
+                    pin_always=policy.pin_always and slot == "9c",
+                )
+            )
+            enrolled.append(EnrolledCredential(slot, cred_id, str(slot_alg)))
+        pin, puk = pins.random_digits(PIN_LEN), pins.random_digits(pins.PUK_LEN)
+        pins.set_initial(user, pin, puk, policy)
+        secret = otp.new_secret(user)
+        code = new_token()[:24]
+        session.add(
+            EnrollmentCode(
+                code_hash=token_digest(code),
+                user_id=user.id,
+                expires_at=utcnow() + timedelta(seconds=policy.enrollment_code_ttl),
+            )
+        )
+        audit.append(
+            session,
+            actor=actor,
+            event=audit.Event.ENROLL,
+            subject=f"user:{name}",
+            details={
+                "alg": str(alg),
+                "otp_per_signature": otp_per_signature,
+                "credentials": {c.slot: c.credential_id for c in enrolled},
+            },
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        for ref in generated:
+            try:
+                hsm.destroy_key(ref)
+            except ServerError:  # best effort: the key is orphaned but has no owner
+                pass
+        raise
+    return EnrollmentResult(name, pin, puk, otp.otpauth_uri(user, secret), code, enrolled)
+
+
+def revoke(session: Session, name: str, *, actor: str = "admin") -> int:
+    """Revoke every credential of ``name`` with its sessions, SADs, devices and unused
+    enrollment codes; returns the number of credentials revoked. Keys stay in the HSM
+    (a 9D key may still be needed to recover old mail) but are never used again.
+    """
+    user = users.get_user(session, name)
+    creds = credentials.list_for_user(session, user.id)
+    for cred in creds:
+        cred.status = REVOKED
+    users.revoke_sessions(session, user.id)
+    session.execute(update(Device).where(Device.user_id == user.id).values(revoked=True))
+    session.execute(
+        update(EnrollmentCode)
+        .where(EnrollmentCode.user_id == user.id, EnrollmentCode.used_at.is_(None))
+        .values(used_at=utcnow())
+    )
+    audit.append(
+        session,
+        actor=actor,
+        event=audit.Event.REVOKE,
+        subject=f"user:{name}",
+        details={"credentials": [c.id for c in creds]},
+    )
+    session.commit()
+    return len(creds)
+
+
+def _slot(slot: str) -> str:
+    s = slot.lower()
+    if s not in SLOTS:
+        raise NotFound(f"unknown slot {slot!r} (one of {', '.join(SLOTS)})")
+    return s
+
+
+def make_csr(session: Session, hsm: Hsm, name: str, slot: str, *, actor: str = "admin") -> str:
+    """A PEM CSR for the user's key in ``slot``, signed in the HSM (for an external CA)."""
+    user = users.get_user(session, name)
+    cred = credentials.get_by_slot(session, user, _slot(slot))
+    csr = ca.build_csr(hsm, credentials.key_ref(cred), name)
+    audit.append(session, actor=actor, event=audit.Event.CERT_CSR, subject=f"credential:{cred.id}")
+    session.commit()
+    pem: bytes = csr.public_bytes(serialization.Encoding.PEM)
+    return pem.decode()
+
+
+def import_cert(
+    session: Session, hsm: Hsm, name: str, slot: str, cert_pem: bytes, *, actor: str = "admin"
+) -> Credential:
+    """Install an externally issued certificate after checking it matches the slot's key.
+
+    :raises InvalidRequest: not a PEM/DER certificate, or for another key.
+    """
+    user = users.get_user(session, name)
+    cred = credentials.get_by_slot(session, user, _slot(slot))
+    try:
+        if b"-----BEGIN" in cert_pem:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        else:
+            cert = x509.load_der_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise InvalidRequest("not an X.509 certificate") from e
+    ca.check_cert_matches(cert, hsm.public_key(credentials.key_ref(cred)))
+    cred.cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    audit.append(
+        session,
+        actor=actor,
+        event=audit.Event.CERT_IMPORT,
+        subject=f"credential:{cred.id}",
+        details={"serial": format(cert.serial_number, "x"), "issuer": cert.issuer.rfc4514_string()},
+    )
+    session.commit()
+    return cred

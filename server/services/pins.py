@@ -1,0 +1,229 @@
+"""Server-side PIN and PUK (DESIGN.md rules 2 and 5; SP 800-73-4 Pt 2 §3.2 VERIFY/RESET RETRY).
+
+Every attempt first *spends* a try in one guarded ``UPDATE ... WHERE retries > 0`` (a row lock
+on PostgreSQL, the write lock on SQLite, held until commit), then checks the argon2id hash; a
+correct value restores the counter. Concurrent wrong PINs therefore each cost one try, and no
+number of parallel guesses gets more tries than the counter allows. Counters live in the
+database, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from server.config import Policy
+from server.errors import Forbidden, InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
+from server.models import User
+from server.services import audit
+from server.services.hashing import hash_secret, verify_secret
+
+PIN_MIN, PIN_MAX = 6, 8
+"""PIV PINs are 6-8 bytes (SP 800-73-4 Pt 2 §2.4.3); PUKs are 8."""
+PUK_LEN = 8
+
+
+@dataclass(frozen=True)
+class PinStatus:
+    """Retry counters as a card reports them."""
+
+    pin_retries: int
+    pin_max: int
+    puk_retries: int
+    puk_max: int
+
+    @property
+    def blocked(self) -> bool:
+        return self.pin_retries == 0
+
+
+def validate_pin(pin: str) -> str:
+    """``pin`` if it is 6-8 printable ASCII characters."""
+    if not (PIN_MIN <= len(pin) <= PIN_MAX and pin.isascii() and pin.isprintable()):
+        raise InvalidRequest("a PIN is 6 to 8 printable ASCII characters")
+    return pin
+
+
+def validate_puk(puk: str) -> str:
+    """``puk`` if it is 8 printable ASCII characters."""
+    if not (len(puk) == PUK_LEN and puk.isascii() and puk.isprintable()):
+        raise InvalidRequest("a PUK is 8 printable ASCII characters")
+    return puk
+
+
+def random_digits(n: int) -> str:
+    """``n`` random decimal digits (initial PINs and PUKs)."""
+    return "".join(secrets.choice("0123456789") for _ in range(n))
+
+
+def set_initial(user: User, pin: str, puk: str, policy: Policy) -> None:
+    """Set the PIN and PUK and full counters (caller commits)."""
+    user.pin_hash = hash_secret(validate_pin(pin))
+    user.puk_hash = hash_secret(validate_puk(puk))
+    user.pin_retries = policy.pin_tries
+    user.puk_retries = policy.puk_tries
+
+
+def _spend_try(
+    session: Session,
+    user: User,
+    counter: InstrumentedAttribute[int],
+    stored: InstrumentedAttribute[str | None],
+) -> tuple[int, str] | None:
+    row = session.execute(
+        update(User)
+        .where(User.id == user.id, counter > 0, stored.is_not(None))
+        .values({counter.key: counter - 1})
+        .returning(counter, stored)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _require_pin_set(user: User) -> None:
+    if user.pin_hash is None:
+        raise Forbidden(f"user {user.name!r} has no PIN (not enrolled)")
+
+
+def verify(
+    session: Session, user: User, pin: str, policy: Policy, *, actor: str | None = None
+) -> None:
+    """Check the user's PIN; commits the counter either way.
+
+    :raises PinIncorrect: wrong PIN (``retries`` left, possibly 0).
+    :raises PinBlocked: no tries left; nothing was checked.
+    """
+    actor = actor or f"user:{user.name}"
+    _require_pin_set(user)
+    spent = _spend_try(session, user, User.pin_retries, User.pin_hash)
+    if spent is None:
+        audit.append(
+            session,
+            actor=actor,
+            event=audit.Event.PIN_FAILED,
+            subject=f"user:{user.name}",
+            details={"blocked": True},
+        )
+        session.commit()
+        raise PinBlocked("PIN blocked")
+    left, stored = spent
+    if verify_secret(stored, pin):
+        session.execute(
+            update(User)
+            .where(User.id == user.id)
+            .values(pin_retries=policy.pin_tries)
+            .execution_options(synchronize_session=False)
+        )
+        audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=f"user:{user.name}")
+        session.commit()
+        user.pin_retries = policy.pin_tries
+        return
+    audit.append(
+        session,
+        actor=actor,
+        event=audit.Event.PIN_FAILED,
+        subject=f"user:{user.name}",
+        details={"retries": left},
+    )
+    session.commit()
+    user.pin_retries = left
+    raise PinIncorrect(left)
+
+
+def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Policy) -> None:
+    """Change the PIN after checking the old one (CHANGE REFERENCE DATA)."""
+    validate_pin(new_pin)
+    verify(session, user, old_pin, policy)
+    session.execute(
+        update(User)
+        .where(User.id == user.id)
+        .values(pin_hash=hash_secret(new_pin))
+        .execution_options(synchronize_session=False)
+    )
+    audit.append(
+        session,
+        actor=f"user:{user.name}",
+        event=audit.Event.PIN_CHANGE,
+        subject=f"user:{user.name}",
+    )
+    session.commit()
+
+
+def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy) -> None:
+    """Set a new PIN and reset its counter with the PUK (RESET RETRY COUNTER).
+
+    :raises PukIncorrect: wrong PUK (``retries`` PUK tries left).
+    :raises PinBlocked: the PUK is blocked too; only an administrator can help.
+    """
+    validate_pin(new_pin)
+    _require_pin_set(user)
+    actor, subject = f"user:{user.name}", f"user:{user.name}"
+    spent = _spend_try(session, user, User.puk_retries, User.puk_hash)
+    if spent is None:
+        audit.append(
+            session,
+            actor=actor,
+            event=audit.Event.PIN_UNBLOCK_FAILED,
+            subject=subject,
+            details={"blocked": True},
+        )
+        session.commit()
+        raise PinBlocked("PUK blocked")
+    left, stored = spent
+    if not verify_secret(stored, puk):
+        audit.append(
+            session,
+            actor=actor,
+            event=audit.Event.PIN_UNBLOCK_FAILED,
+            subject=subject,
+            details={"retries": left},
+        )
+        session.commit()
+        raise PukIncorrect(left)
+    session.execute(
+        update(User)
+        .where(User.id == user.id)
+        .values(
+            pin_hash=hash_secret(new_pin),
+            pin_retries=policy.pin_tries,
+            puk_retries=policy.puk_tries,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    audit.append(session, actor=actor, event=audit.Event.PIN_UNBLOCK, subject=subject)
+    session.commit()
+
+
+def admin_unblock(
+    session: Session,
+    user: User,
+    policy: Policy,
+    *,
+    new_pin: str | None = None,
+    actor: str = "admin",
+) -> str:
+    """Set a new PIN (random 6 digits unless given) and reset both counters; returns the PIN."""
+    _require_pin_set(user)
+    pin = validate_pin(new_pin) if new_pin is not None else random_digits(PIN_MIN)
+    session.execute(
+        update(User)
+        .where(User.id == user.id)
+        .values(
+            pin_hash=hash_secret(pin), pin_retries=policy.pin_tries, puk_retries=policy.puk_tries
+        )
+        .execution_options(synchronize_session=False)
+    )
+    audit.append(session, actor=actor, event=audit.Event.ADMIN_UNBLOCK, subject=f"user:{user.name}")
+    session.commit()
+    return pin
+
+
+def status(session: Session, user: User, policy: Policy) -> PinStatus:
+    """The user's current counters, read from the database."""
+    row = session.execute(
+        select(User.pin_retries, User.puk_retries).where(User.id == user.id)
+    ).one()
+    return PinStatus(int(row[0]), policy.pin_tries, int(row[1]), policy.puk_tries)

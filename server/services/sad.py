@@ -1,0 +1,192 @@
+"""Signature activation data (DESIGN.md rule 4; CSC v2 §9, §11.6, §11.9, §11.10).
+
+A SAD is an opaque 256-bit random value; the server keeps its SHA-256 with the user, the
+credential, the number of signatures left, the pinned digests (SCAL 2) and the expiry. Spending
+is one ``UPDATE ... WHERE remaining = <value read>``: ``remaining`` only ever decreases, so it
+doubles as a version number and of two concurrent spends exactly one wins. Each pinned digest
+is consumed when signed, so no digest is signed twice under one SAD.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.config import Policy
+from server.db import affected
+from server.errors import InvalidRequest, SadInvalid
+from server.models import Sad, utcnow
+from server.services import audit
+from server.services.hashing import new_token, token_digest
+
+
+@dataclass(frozen=True)
+class SadGrant:
+    """What credentials/authorize and extendTransaction return."""
+
+    sad: str
+    expires_in: int
+
+
+def _b64(hashes: Sequence[bytes]) -> list[str]:
+    return [base64.b64encode(h).decode() for h in hashes]
+
+
+def authorize(
+    session: Session,
+    policy: Policy,
+    *,
+    user_id: int,
+    credential_id: str,
+    num_signatures: int,
+    hashes: Sequence[bytes] | None = None,
+    hash_oid: str | None = None,
+    actor: str = "",
+) -> SadGrant:
+    """Issue a SAD for ``num_signatures`` signatures, pinned to ``hashes`` when given.
+
+    The caller has already checked the owner, the credential and its factors (PIN, OTP).
+
+    :raises InvalidRequest: ``num_signatures`` outside 1..multisign, or more hashes than that.
+    """
+    if not 1 <= num_signatures <= policy.multisign:
+        raise InvalidRequest(f"numSignatures must be between 1 and {policy.multisign}")
+    if hashes is not None and (not hashes or len(hashes) > num_signatures):
+        raise InvalidRequest("the number of hashes must be between 1 and numSignatures")
+    sad = new_token()
+    session.add(
+        Sad(
+            sad_hash=token_digest(sad),
+            user_id=user_id,
+            credential_id=credential_id,
+            remaining=num_signatures,
+            hashes=_b64(hashes) if hashes is not None else None,
+            hash_oid=hash_oid,
+            expires_at=utcnow() + policy.ttl("sad_ttl"),
+        )
+    )
+    audit.append(
+        session,
+        actor=actor or f"user-id:{user_id}",
+        event=audit.Event.AUTHORIZE,
+        subject=f"credential:{credential_id}",
+        details={"num_signatures": num_signatures, "pinned": hashes is not None},
+    )
+    session.commit()
+    return SadGrant(sad, policy.sad_ttl)
+
+
+def _load(session: Session, sad: str, user_id: int, credential_id: str) -> Sad:
+    row = session.scalar(select(Sad).where(Sad.sad_hash == token_digest(sad)))
+    if row is None or row.user_id != user_id or row.credential_id != credential_id:
+        raise SadInvalid("Invalid parameter SAD")
+    if row.expires_at <= utcnow():
+        raise SadInvalid("SAD expired")
+    if row.remaining <= 0:
+        raise SadInvalid("SAD already used")
+    return row
+
+
+def _consume(row: Sad, hashes: Sequence[bytes], hash_oid: str | None) -> list[str] | None:
+    """The pinned digests left after signing ``hashes``; raises if one is not covered."""
+    if len(hashes) == 0:
+        raise InvalidRequest("no hashes to sign")
+    if len(hashes) > row.remaining:
+        raise SadInvalid("more hashes than the SAD authorizes")
+    if row.hashes is None:
+        return None
+    if hash_oid is not None and row.hash_oid is not None and hash_oid != row.hash_oid:
+        raise SadInvalid("hash algorithm differs from the one authorized")
+    left = list(row.hashes)
+    for h in _b64(hashes):
+        if h not in left:
+            raise SadInvalid("Hash is not authorized by the SAD")
+        left.remove(h)
+    return left
+
+
+def spend(
+    session: Session,
+    sad: str,
+    *,
+    user_id: int,
+    credential_id: str,
+    hashes: Sequence[bytes],
+    hash_oid: str | None = None,
+    actor: str = "",
+) -> None:
+    """Atomically spend ``len(hashes)`` signatures of ``sad`` and audit the signing.
+
+    :raises SadInvalid: unknown, another user's or credential's, expired, used up, raced by a
+        concurrent spend, or not covering one of ``hashes``.
+    """
+    row = _load(session, sad, user_id, credential_id)
+    left = _consume(row, hashes, hash_oid)
+    won = affected(
+        session.execute(
+            update(Sad)
+            .where(Sad.id == row.id, Sad.remaining == row.remaining, Sad.expires_at > utcnow())
+            .values(remaining=row.remaining - len(hashes), hashes=left)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if won != 1:
+        session.rollback()
+        raise SadInvalid("SAD already used")
+    audit.append(
+        session,
+        actor=actor or f"user-id:{user_id}",
+        event=audit.Event.SIGN,
+        subject=f"credential:{credential_id}",
+        details={"count": len(hashes), "hash_oid": hash_oid},
+    )
+    session.commit()
+
+
+def extend(
+    session: Session,
+    policy: Policy,
+    sad: str,
+    *,
+    user_id: int,
+    credential_id: str,
+    hashes: Sequence[bytes] | None = None,
+    hash_oid: str | None = None,
+) -> SadGrant:
+    """Replace ``sad`` by a new one with a fresh expiry and the signatures it had left
+    (CSC credentials/extendTransaction); with ``hashes`` the new SAD is pinned to them.
+
+    :raises SadInvalid: as :func:`spend`.
+    """
+    row = _load(session, sad, user_id, credential_id)
+    if hashes is not None and not 1 <= len(hashes) <= row.remaining:
+        raise InvalidRequest("the number of hashes must be between 1 and the signatures left")
+    won = affected(
+        session.execute(
+            update(Sad)
+            .where(Sad.id == row.id, Sad.remaining == row.remaining)
+            .values(remaining=0)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if won != 1:
+        session.rollback()
+        raise SadInvalid("SAD already used")
+    new = new_token()
+    session.add(
+        Sad(
+            sad_hash=token_digest(new),
+            user_id=user_id,
+            credential_id=credential_id,
+            remaining=row.remaining,
+            hashes=_b64(hashes) if hashes is not None else row.hashes,
+            hash_oid=hash_oid if hashes is not None else row.hash_oid,
+            expires_at=utcnow() + policy.ttl("sad_ttl"),
+        )
+    )
+    session.commit()
+    return SadGrant(new, policy.sad_ttl)
