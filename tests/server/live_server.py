@@ -101,10 +101,10 @@ class LiveServer:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server ignored SIGTERM for {timeout}s:\n{self.log()}")
+                raise AssertionError(f"server ignored SIGTERM for {timeout}s:\n{self.log()}") from e
         return self.proc.returncode
 
 

@@ -132,7 +132,8 @@ def test_disable_blocks_login(server: LiveServer) -> None:
     assert server.http.post("/csc/v1/auth/login", json={}, auth=("dora", PASSWORD)).is_success
     server.admin("user", "disable", "dora")
     assert [u for u in server.admin_json("user", "list") if u["name"] == "dora"][0]["disabled"]
-    assert server.http.post("/csc/v1/auth/login", json={}, auth=("dora", PASSWORD)).status_code == 401
+    refused = server.http.post("/csc/v1/auth/login", json={}, auth=("dora", PASSWORD))
+    assert refused.status_code == 401, refused.text
 
 
 @pytest.mark.parametrize(
