@@ -1,0 +1,433 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The HSM over PKCS#11 (python-pkcs11): key generation and every private-key operation.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, so the module may do no locking of its own
+(SoftHSM2 then disables its mutexes) and the GIL is released during each call. Every call
+into a module therefore goes through one process-wide lock per module, on one logged-in
+session per (module, token) that all :class:`Hsm` handles of the process share. Measured on
+SoftHSM2 a session pool gains nothing, since the module must be serialised anyway.
+
+This module is the one place where ``PKCS11Error`` becomes a :mod:`server.errors` error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_ecdsa_signature, encode_named_curve_parameters
+
+from server.algorithms import KeyAlg, hash_by_name
+from server.errors import Conflict, HsmError, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+OID_ED25519: Final = "1.3.101.112"
+_SIGN: Final = MechanismFlag.SIGN | MechanismFlag.VERIFY
+
+_HASH_MECHS: Final[dict[str, tuple[Mechanism, MGF]]] = {
+    "sha224": (Mechanism.SHA224, MGF.SHA224),
+    "sha256": (Mechanism.SHA256, MGF.SHA256),
+    "sha384": (Mechanism.SHA384, MGF.SHA384),
+    "sha512": (Mechanism.SHA512, MGF.SHA512),
+}
+_CURVES: Final[dict[KeyAlg, ec.EllipticCurve]] = {
+    KeyAlg.P256: ec.SECP256R1(),
+    KeyAlg.P384: ec.SECP384R1(),
+}
+# PKCS#11 errors that mean "the caller's input is wrong", not "the HSM failed".
+_CLIENT_ERRORS: Final[tuple[type[p11e.PKCS11Error], ...]] = (
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.MechanismParamInvalid,
+)
+
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """A key pair in the HSM: ``key_id`` is the hex CKA_ID shared by both halves."""
+
+    key_id: str
+    alg: KeyAlg
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn PKCS#11 errors into server errors (the only place this happens)."""
+    try:
+        yield
+    except p11e.PKCS11Error as e:
+        name = type(e).__name__
+        if isinstance(e, _CLIENT_ERRORS):
+            raise InvalidRequest(f"The HSM refused the input [{name}]") from e
+        if isinstance(e, p11e.NoSuchKey):
+            raise NotFound("No such key in the HSM") from e
+        raise HsmError(f"HSM operation failed [{name}]") from e
+
+
+class _SharedSession:
+    """The logged-in session of one (module, token) in this process, and its lock."""
+
+    def __init__(self, lib: Any, session: Any, pin_digest: bytes, lock: threading.Lock) -> None:
+        self.lib = lib
+        self.session = session
+        self.pin_digest = pin_digest
+        self.lock = lock
+        self.users = 0
+        self.private: dict[str, Any] = {}
+        self.public: dict[str, PublicKey] = {}
+
+
+_registry_lock = threading.Lock()
+_module_locks: dict[str, threading.Lock] = {}
+_sessions: dict[tuple[str, str], _SharedSession] = {}
+
+
+def _pin_digest(pin: str) -> bytes:
+    return hashlib.sha256(pin.encode()).digest()
+
+
+class Hsm:
+    """A handle on one HSM token; thread-safe. Build it with :meth:`Hsm.open`.
+
+    Open it after forking (e.g. in each server worker's lifespan), never before.
+    """
+
+    def __init__(self, shared: _SharedSession, module_path: str, token_label: str) -> None:
+        self._shared = shared
+        self._key = (module_path, token_label)
+        self._closed = False
+        self.token_label = token_label
+
+    @classmethod
+    def open(cls, module_path: str, token_label: str, pin: str) -> Hsm:
+        """Load ``module_path``, find the token labelled ``token_label`` and log in with ``pin``.
+
+        SoftHSM2 reads ``SOFTHSM2_CONF`` and its token directory when the module is
+        initialised; a token created later is found by re-initialising the module, which is
+        only possible while no session of this process is open on it.
+        """
+        key = (module_path, token_label)
+        with _registry_lock, _translated():
+            shared = _sessions.get(key)
+            if shared is not None:
+                if not hmac.compare_digest(shared.pin_digest, _pin_digest(pin)):
+                    raise HsmError("HSM login failed [PinIncorrect]")
+            else:
+                lock = _module_locks.setdefault(module_path, threading.Lock())
+                with lock:
+                    lib = pkcs11.lib(module_path)
+                    token = cls._find_token(lib, module_path, token_label)
+                    session = token.open(rw=True, user_pin=pin)
+                shared = _SharedSession(lib, session, _pin_digest(pin), lock)
+                _sessions[key] = shared
+            shared.users += 1
+        return cls(shared, module_path, token_label)
+
+    @staticmethod
+    def _find_token(lib: Any, module_path: str, token_label: str) -> Any:
+        try:
+            return lib.get_token(token_label=token_label)
+        except p11e.NoSuchToken:
+            if any(k[0] == module_path for k in _sessions):
+                raise HsmError(
+                    f"Token {token_label!r} not found; the module was initialised before "
+                    "it existed and another session of this process is open"
+                ) from None
+        lib.reinitialize()
+        try:
+            return lib.get_token(token_label=token_label)
+        except p11e.NoSuchToken:
+            raise NotFound(f"No HSM token labelled {token_label!r}") from None
+
+    def close(self) -> None:
+        """Release this handle; the last one of the process logs out and closes the session."""
+        with _registry_lock:
+            if self._closed:
+                return
+            self._closed = True
+            shared = self._shared
+            shared.users -= 1
+            if shared.users == 0:
+                del _sessions[self._key]
+                with shared.lock, _translated():
+                    shared.session.close()
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        if self._closed:
+            raise HsmError("HSM handle is closed")
+        with self._shared.lock, _translated():
+            yield self._shared.session
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def generate_key(self, alg: KeyAlg, label: str) -> KeyRef:
+        """Generate a token key pair: private half sensitive, never extractable (rule 1).
+
+        ``label`` must be unique on the token; the CKA_ID is 16 random bytes.
+        """
+        alg = KeyAlg(alg)
+        key_id = secrets.token_bytes(16)
+        private_template: dict[Attribute, Any] = {
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.PRIVATE: True,
+        }
+        public_template: dict[Attribute, Any] = {}
+        if alg.is_rsa:
+            key_type, length = KeyType.RSA, alg.bits
+            caps = _SIGN | MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT
+        elif alg.curve_oid is not None:
+            key_type, length, caps = KeyType.EC, None, _SIGN | MechanismFlag.DERIVE
+            public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(alg.curve_oid)
+        else:
+            key_type, length, caps = KeyType.EC_EDWARDS, None, _SIGN
+            public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(OID_ED25519)
+        with self._session() as s:
+            if any(True for _ in s.get_objects({Attribute.LABEL: label})):
+                raise Conflict(f"An HSM key labelled {label!r} already exists")
+            s.generate_keypair(
+                key_type,
+                length,
+                id=key_id,
+                label=label,
+                store=True,
+                capabilities=caps,
+                public_template=public_template,
+                private_template=private_template,
+            )
+        log.info("generated %s key %s", alg.value, key_id.hex())
+        return KeyRef(key_id.hex(), alg)
+
+    def find_key(self, label: str) -> KeyRef | None:
+        """The key pair whose private half is labelled ``label``, or None."""
+        with self._session() as s:
+            found = list(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                        Attribute.LABEL: label}))
+            if not found:
+                return None
+            if len(found) > 1:
+                raise HsmError(f"Several HSM keys are labelled {label!r}")
+            priv = found[0]
+            key_id = priv[Attribute.ID]
+            pub = s.get_key(ObjectClass.PUBLIC_KEY, id=key_id)
+            return KeyRef(key_id.hex(), _alg_of(pub))
+
+    def destroy_key(self, ref: KeyRef) -> None:
+        """Delete both halves of a key pair from the token."""
+        key_id = bytes.fromhex(ref.key_id)
+        with self._session() as s:
+            objs = list(s.get_objects({Attribute.ID: key_id}))
+            if not objs:
+                raise NotFound("No such key in the HSM")
+            for obj in objs:
+                obj.destroy()
+            self._shared.private.pop(ref.key_id, None)
+            self._shared.public.pop(ref.key_id, None)
+
+    def _private(self, s: Any, ref: KeyRef) -> Any:
+        cache = self._shared.private
+        obj = cache.get(ref.key_id)
+        if obj is None:
+            obj = s.get_key(ObjectClass.PRIVATE_KEY, id=bytes.fromhex(ref.key_id))
+            cache[ref.key_id] = obj
+        return obj
+
+    def public_key(self, ref: KeyRef) -> PublicKey:
+        """The public half as a cryptography key."""
+        key = self._shared.public.get(ref.key_id)
+        if key is None:
+            with self._session() as s:
+                key = _public_from_object(
+                    s.get_key(ObjectClass.PUBLIC_KEY, id=bytes.fromhex(ref.key_id))
+                )
+            self._shared.public[ref.key_id] = key
+        if _alg_of_public(key) is not ref.alg:
+            raise HsmError(f"Key {ref.key_id} is not {ref.alg.value}")
+        return key
+
+    # -- operations -------------------------------------------------------------------------
+
+    def rsa_raw(self, ref: KeyRef, block: bytes) -> bytes:
+        """Raw RSA (CKM_RSA_X_509) on a modulus-sized block; the caller checks the padding."""
+        self._check_rsa_input(ref, block)
+        with self._session() as s:
+            return bytes(self._private(s, ref).sign(block, mechanism=Mechanism.RSA_X_509))
+
+    def rsa_decrypt_raw(self, ref: KeyRef, block: bytes) -> bytes:
+        """Raw RSA decryption (CKM_RSA_X_509 C_Decrypt); the result is left-padded to k bytes."""
+        k = self._check_rsa_input(ref, block)
+        with self._session() as s:
+            out = bytes(self._private(s, ref).decrypt(block, mechanism=Mechanism.RSA_X_509))
+        return out.rjust(k, b"\0")
+
+    def _check_rsa_input(self, ref: KeyRef, block: bytes) -> int:
+        """Refuse a raw-RSA input that is not k bytes or not below the modulus; return k."""
+        if not ref.alg.is_rsa:
+            raise InvalidRequest("This operation needs an RSA key")
+        pub = self.public_key(ref)
+        if not isinstance(pub, rsa.RSAPublicKey):
+            raise HsmError(f"Key {ref.key_id} is not an RSA key")
+        k = (pub.key_size + 7) // 8
+        if len(block) != k or int.from_bytes(block, "big") >= pub.public_numbers().n:
+            raise InvalidRequest("The block must be k bytes and below the modulus")
+        return k
+
+    def sign_digest(
+        self, ref: KeyRef, digest: bytes, hash_name: str, *, pss_salt_len: int | None = None
+    ) -> bytes:
+        """Sign a prehashed digest (csc-api.md §5).
+
+        RSA: CKM_RSA_PKCS over the DER DigestInfo, or CKM_RSA_PKCS_PSS with MGF1 of the same
+        hash when ``pss_salt_len`` is given. EC: CKM_ECDSA, returned as DER Ecdsa-Sig-Value.
+        """
+        hash_alg = hash_by_name(hash_name)
+        if len(digest) != hash_alg.size:
+            raise InvalidRequest("Invalid digest value length")
+        if ref.alg is KeyAlg.ED25519:
+            raise InvalidRequest("Ed25519 signs messages, not digests")
+        if ref.alg.is_rsa:
+            if pss_salt_len is None:
+                return self._rsa_sign(ref, hash_alg.digest_info(digest), Mechanism.RSA_PKCS, None)
+            hash_mech, mgf = _HASH_MECHS[hash_alg.name]
+            return self._rsa_sign(
+                ref, digest, Mechanism.RSA_PKCS_PSS, (hash_mech, mgf, _salt(pss_salt_len))
+            )
+        if pss_salt_len is not None:
+            raise InvalidRequest("PSS needs an RSA key")
+        with self._session() as s:
+            rs = self._private(s, ref).sign(digest, mechanism=Mechanism.ECDSA)
+        return bytes(encode_ecdsa_signature(rs))
+
+    def _rsa_sign(self, ref: KeyRef, data: bytes, mech: Mechanism, param: Any) -> bytes:
+        with self._session() as s:
+            key = self._private(s, ref)
+            return bytes(key.sign(data, mechanism=mech, mechanism_param=param))
+
+    def eddsa_sign(self, ref: KeyRef, message: bytes) -> bytes:
+        """Pure Ed25519 (RFC 8032) over the whole message with CKM_EDDSA."""
+        if ref.alg is not KeyAlg.ED25519:
+            raise InvalidRequest("EdDSA needs an Ed25519 key")
+        with self._session() as s:
+            return bytes(self._private(s, ref).sign(message, mechanism=Mechanism.EDDSA))
+
+    def ecdh(self, ref: KeyRef, peer_point: bytes) -> bytes:
+        """ECDH (CKM_ECDH1_DERIVE, no KDF) with an uncompressed peer point; returns Z.
+
+        The peer point is validated on the key's curve first, so no invalid-curve input
+        reaches the HSM.
+        """
+        curve = _CURVES.get(ref.alg)
+        if curve is None:
+            raise InvalidRequest("ECDH needs a P-256 or P-384 key")
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(curve, peer_point)
+        except ValueError:
+            raise InvalidRequest("The peer point is not on the key's curve") from None
+        size = (curve.key_size + 7) // 8
+        template = {
+            Attribute.SENSITIVE: False,
+            Attribute.EXTRACTABLE: True,
+            Attribute.TOKEN: False,
+        }
+        with self._session() as s:
+            secret = self._private(s, ref).derive_key(
+                KeyType.GENERIC_SECRET,
+                size * 8,
+                mechanism=Mechanism.ECDH1_DERIVE,
+                mechanism_param=(KDF.NULL, None, peer_point),
+                template=template,
+            )
+            try:
+                return bytes(secret[Attribute.VALUE])
+            finally:
+                secret.destroy()
+
+    def random(self, n: int) -> bytes:
+        """``n`` random bytes from the HSM's generator."""
+        with self._session() as s:
+            return bytes(s.generate_random(n * 8))
+
+
+def _salt(length: int) -> int:
+    if length < 0:
+        raise InvalidRequest("Invalid PSS salt length")
+    return length
+
+
+def _unwrap_octet_string(der: bytes) -> bytes:
+    """CKA_EC_POINT is a DER OCTET STRING (PKCS#11 v2.40 §2.3.3); return its content."""
+    if len(der) >= 2 and der[0] == 0x04:
+        length = der[1]
+        if length < 0x80 and len(der) == 2 + length:
+            return der[2:]
+        if length == 0x81 and len(der) == 3 + der[2]:
+            return der[3:]
+    return der
+
+
+_EC_PARAMS_TO_ALG: Final[dict[bytes, KeyAlg]] = {
+    encode_named_curve_parameters(a.curve_oid): a for a in KeyAlg if a.curve_oid is not None
+}
+
+
+def _public_from_object(pub: Any) -> PublicKey:
+    """A cryptography public key from a PKCS#11 public-key object."""
+    alg = _alg_of(pub)
+    if alg.is_rsa:
+        n = int.from_bytes(pub[Attribute.MODULUS], "big")
+        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    point = _unwrap_octet_string(pub[Attribute.EC_POINT])
+    if alg is KeyAlg.ED25519:
+        return ed25519.Ed25519PublicKey.from_public_bytes(point)
+    return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[alg], point)
+
+
+def _alg_of_public(key: PublicKey) -> KeyAlg:
+    """The :class:`KeyAlg` of a cryptography public key."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return KeyAlg(f"rsa{key.key_size}")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return KeyAlg.P256 if key.curve.name == "secp256r1" else KeyAlg.P384
+    return KeyAlg.ED25519
+
+
+def _alg_of(pub: Any) -> KeyAlg:
+    """The :class:`KeyAlg` of a public-key object, from its type and size or curve."""
+    key_type = pub[Attribute.KEY_TYPE]
+    if key_type == KeyType.RSA:
+        return KeyAlg(f"rsa{pub[Attribute.MODULUS_BITS]}")
+    if key_type == KeyType.EC_EDWARDS:
+        return KeyAlg.ED25519
+    if key_type == KeyType.EC:
+        alg = _EC_PARAMS_TO_ALG.get(bytes(pub[Attribute.EC_PARAMS]))
+        if alg is not None:
+            return alg
+    raise HsmError("Unsupported key type in the HSM")
+
+
+__all__ = ["Hsm", "KeyAlg", "KeyRef"]
