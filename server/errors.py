@@ -110,3 +110,9 @@ class PaddingRejected(InvalidRequest):
     """A raw RSA block is not an allowed encoding for this key (security rule 3)."""
 
     code = "invalid_padding"
+
+
+class PinRequired(Forbidden):
+    """The key needs a PIN verification in this session first (the card answers 6982)."""
+
+    code = "pin_required"
