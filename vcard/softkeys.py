@@ -85,7 +85,9 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def _hash_secret(value: bytes, salt: bytes) -> bytes:
-    return hashlib.scrypt(value, salt=salt, n=_SCRYPT_N, r=8, p=1, dklen=32)
+    # The length prefix matters: HMAC zero-pads short keys, so "1234" and "1234\0" would
+    # otherwise hash alike.
+    return hashlib.scrypt(bytes([len(value)]) + value, salt=salt, n=_SCRYPT_N, r=8, p=1, dklen=32)
 
 
 def check_new_pin(value: bytes, what: str = "PIN") -> None:
