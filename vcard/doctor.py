@@ -98,6 +98,7 @@ class PcscReader:
         if result != scard.SCARD_S_SUCCESS:
             scard.SCardReleaseContext(self._ctx)
             raise PcscError(f"connecting to the card in {reader!r}", result)
+        self._closed = False
 
     def transmit(self, apdu: bytes) -> tuple[bytes, int]:
         """Send one C-APDU; returns the response data and the status word."""
@@ -116,7 +117,10 @@ class PcscReader:
         return bytes(atr)
 
     def close(self, disposition: int = scard.SCARD_LEAVE_CARD) -> None:
-        """Disconnect (``SCARD_RESET_CARD`` resets the card for the next client)."""
+        """Disconnect (``SCARD_RESET_CARD`` resets the card for the next client); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         scard.SCardDisconnect(self._card, disposition)
         scard.SCardReleaseContext(self._ctx)
 
