@@ -28,8 +28,6 @@ from server.schemas import KeyAlgName, Slot
 
 log = logging.getLogger(__name__)
 
-#: The environment variable that tells each uvicorn worker which data directory to serve.
-DATA_ENV = "CARDBRIDGE_DATA"
 #: The environment variable ``cardbridge admin --token`` falls back to.
 TOKEN_ENV = "CARDBRIDGE_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 
@@ -150,14 +148,16 @@ def server_run(
     """Serve HTTPS with the TLS certificate from DIR until SIGTERM or Ctrl-C."""
     import uvicorn
 
+    from server.app import DATA_DIR_ENV
+
     settings = Settings.load(data)
     host, port = parse_bind(bind or settings.bind)
-    os.environ[DATA_ENV] = str(data)
+    os.environ[DATA_DIR_ENV] = str(data)  # each worker's create_app() reads it
     url_file = data / SERVER_URL_FILE
     url_file.write_text(local_url(host, port) + "\n")
     try:
         uvicorn.run(
-            "server.cli:app_factory",
+            "server.app:create_app",
             factory=True,
             host=host,
             port=port,
@@ -171,12 +171,6 @@ def server_run(
         )
     finally:
         url_file.unlink(missing_ok=True)
-
-
-def app_factory() -> Any:
-    """The ASGI app of one uvicorn worker, for the data directory in ``$CARDBRIDGE_DATA``."""
-    from server.app import create_app
-    return create_app(Settings.load(Path(os.environ[DATA_ENV])))
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
