@@ -1,0 +1,157 @@
+"""Helpers for tests on the real PC/SC stack: card processes, client tools, constants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from vcard.constants import DEFAULT_PIN, DEFAULT_PUK, KeyType, Slot
+from vcard.doctor import PcscError, PcscReader
+from vcard.provision import init_soft
+
+READER = "cardbridge vpcd 00 00"
+VPCD = "127.0.0.1:35963"
+PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+CARDBRIDGE = str(Path(sys.executable).with_name("cardbridge"))
+PIN = DEFAULT_PIN.decode()
+PUK = DEFAULT_PUK.decode()
+
+#: OpenSC's PKCS#11 object ids of the four standard slots (pkcs15-piv.c).
+PKCS11_ID = {
+    Slot.AUTHENTICATION: "01",
+    Slot.SIGNATURE: "02",
+    Slot.KEY_MANAGEMENT: "03",
+    Slot.CARD_AUTH: "04",
+}
+
+ALGS = ["rsa2048", "rsa3072", "p256", "p384"]
+
+
+@dataclass
+class SoftCard:
+    """A provisioned card directory and the certificates it was given."""
+
+    path: Path
+    key_type: KeyType
+    certs: dict[Slot, x509.Certificate] = field(default_factory=dict)
+
+    def cert_pem(self, slot: Slot, into: Path) -> Path:
+        """Write ``slot``'s certificate to a PEM file (for openssl)."""
+        out = into / f"cert-{slot.value:02x}.pem"
+        out.write_bytes(self.certs[slot].public_bytes(serialization.Encoding.PEM))
+        return out
+
+    def pubkey_pem(self, slot: Slot, into: Path) -> Path:
+        """Write ``slot``'s public key to a PEM file (for openssl -verify / pkeyutl)."""
+        out = into / f"pub-{slot.value:02x}.pem"
+        out.write_bytes(
+            self.certs[slot]
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        return out
+
+
+def make_card(path: Path, alg: str) -> SoftCard:
+    made = init_soft(path, KeyType.from_name(alg), DEFAULT_PIN, DEFAULT_PUK)
+    return SoftCard(path, made.key_type, {s.slot: s.certificate for s in made.slots})
+
+
+def card_present() -> bool:
+    try:
+        with PcscReader(READER):
+            return True
+    except PcscError:
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class CardSlot:
+    """The reader's one card position: at most one `cardbridge card run` at a time."""
+
+    def __init__(self) -> None:
+        self.current: SoftCard | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
+
+    def present(self, card: SoftCard) -> SoftCard:
+        if self.current is card and self._proc is not None and self._proc.poll() is None:
+            return card
+        self.remove()
+        self._log = card.path.with_suffix(".log")
+        with self._log.open("wb") as log:
+            self._proc = subprocess.Popen(
+                [CARDBRIDGE, "card", "run", "--soft", str(card.path), "--vpcd", VPCD],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.current = card
+
+        def up() -> bool:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                pytest.fail(f"cardbridge card run exited: {self._log_text()}")
+            return card_present()
+
+        wait_for(up, f"pcscd to see the card {card.path.name}")
+        return card
+
+    def remove(self) -> None:
+        """Stop the running card and wait until pcscd reports the reader empty."""
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            pytest.fail(f"cardbridge card run ignored SIGTERM: {self._log_text()}")
+        self._proc = None
+        self.current = None
+        assert rc == 0, f"cardbridge card run exited {rc}: {self._log_text()}"
+        wait_for(lambda: not card_present(), "pcscd to see the card removed")
+
+    def _log_text(self) -> str:
+        return self._log.read_text(errors="replace")[-2000:] if self._log else ""
+
+
+def run(*args: str | Path, ok: bool = True, input: bytes | None = None) -> str:
+    """Run a client tool; returns stdout+stderr, failing the test on an unexpected exit code."""
+    proc = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        input=input,
+        timeout=120,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    if ok and proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {proc.returncode}:\n{out}")
+    if not ok and proc.returncode == 0:
+        pytest.fail(f"{' '.join(map(str, args))} unexpectedly succeeded:\n{out}")
+    return out
+
+
+def pkcs11(*args: str | Path, ok: bool = True) -> str:
+    """pkcs11-tool on OpenSC's module."""
+    return run("pkcs11-tool", "--module", PKCS11, *args, ok=ok)
