@@ -7,6 +7,6 @@
 """
 
 from server.algorithms import KeyAlg
-from server.hsm.pkcs11 import Hsm, KeyRef
+from server.hsm.pkcs11 import Hsm, KeyRef, PublicKey
 
-__all__ = ["Hsm", "KeyAlg", "KeyRef"]
+__all__ = ["Hsm", "KeyAlg", "KeyRef", "PublicKey"]

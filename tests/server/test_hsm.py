@@ -23,7 +23,9 @@ from server.padding import check_decrypted_block
 
 pytestmark = pytest.mark.hsm
 
-HASH_CLASSES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+HASH_ALGS: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()
+}
 
 
 def _label(prefix: str) -> str:
@@ -113,9 +115,9 @@ def test_second_handle_shares_the_session_and_checks_the_pin(
         Hsm.open(hsm_token.module, hsm_token.label, "000000")
     with Hsm.open(hsm_token.module, hsm_token.label, hsm_token.pin) as other:
         sig = other.sign_digest(p256_ref, bytes(32), "sha256")
-    hsm.public_key(p256_ref).verify(  # type: ignore[union-attr]
-        sig, bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-    )
+    pub = hsm.public_key(p256_ref)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     # Closing the second handle left the first one working.
     assert hsm.sign_digest(p256_ref, bytes(32), "sha256")
 
@@ -133,14 +135,14 @@ def test_rsa_pkcs1v15_over_digest_info_verifies(
     sig = hsm.sign_digest(rsa_ref, digest, hash_name)
     pub = hsm.public_key(rsa_ref)
     assert isinstance(pub, rsa.RSAPublicKey) and pub.key_size == 2048
-    pub.verify(sig, b"document", padding.PKCS1v15(), HASH_CLASSES[hash_name]())
+    pub.verify(sig, b"document", padding.PKCS1v15(), HASH_ALGS[hash_name])
 
 
 @pytest.mark.parametrize(("hash_name", "salt"), [("sha256", 222), ("sha256", 32), ("sha512", 64)])
 def test_rsa_pss_verifies(hsm: Hsm, rsa_ref: KeyRef, hash_name: str, salt: int) -> None:  # noqa: F811
     digest = hashlib.new(hash_name, b"document").digest()
     sig = hsm.sign_digest(rsa_ref, digest, hash_name, pss_salt_len=salt)
-    h = HASH_CLASSES[hash_name]()
+    h = HASH_ALGS[hash_name]
     pub = hsm.public_key(rsa_ref)
     assert isinstance(pub, rsa.RSAPublicKey)
     pub.verify(sig, b"document", padding.PSS(padding.MGF1(h), salt), h)
@@ -184,7 +186,7 @@ def test_ecdsa_returns_der_that_verifies(
     utils.decode_dss_signature(sig)
     pub = hsm.public_key(ref)
     assert isinstance(pub, ec.EllipticCurvePublicKey)
-    pub.verify(sig, b"document", ec.ECDSA(HASH_CLASSES[hash_name]()))
+    pub.verify(sig, b"document", ec.ECDSA(HASH_ALGS[hash_name]))
 
 
 def test_sign_digest_refuses_bad_input(

@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The built-in CA (its key in the HSM) and the certificate profiles of the PIV slots.
+
+Profiles (SP 800-73-4 / FIPS 201-3 usage, Microsoft smart-card logon requirements):
+
+- 9A authentication: digitalSignature; EKU clientAuth + smartcardLogon
+  (1.3.6.1.4.1.311.20.2.2); SAN UPN otherName (1.3.6.1.4.1.311.20.2.3) and e-mail.
+- 9C digital signature: digitalSignature + nonRepudiation; EKU emailProtection; SAN e-mail.
+- 9D key management: keyEncipherment (RSA) or keyAgreement (EC); EKU emailProtection.
+- 9E card authentication: digitalSignature; EKU id-PIV-cardAuth (2.16.840.1.101.3.6.8).
+
+For an external CA, :func:`build_csr` makes a CSR signed in the HSM and
+:func:`check_cert_matches` refuses an issued certificate that is not for the slot's key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from typing import Final
+
+from asn1crypto.core import UTF8String
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from server.algorithms import KeyAlg
+from server.errors import InvalidRequest
+from server.hsm.keys import HsmPrivateKey, private_key
+from server.hsm.pkcs11 import Hsm, KeyRef, PublicKey
+
+OID_SMARTCARD_LOGON: Final = ObjectIdentifier("1.3.6.1.4.1.311.20.2.2")
+OID_UPN: Final = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+OID_PIV_CARD_AUTH: Final = ObjectIdentifier("2.16.840.1.101.3.6.8")
+
+CA_DAYS: Final = 3650
+TLS_DAYS: Final = 825
+SLOT_DAYS: Final = 730
+SLOTS: Final = ("9a", "9c", "9d", "9e")
+_BACKDATE: Final = dt.timedelta(minutes=5)
+
+
+def _hash_for(key: HsmPrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
+    """The signature hash that matches the CA key's strength (None for Ed25519)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _key_usage(**flags: bool) -> x509.KeyUsage:
+    names = (
+        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+    )
+    return x509.KeyUsage(**{n: flags.get(n, False) for n in names})
+
+
+def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return builder.not_valid_before(now - _BACKDATE).not_valid_after(now + dt.timedelta(days=days))
+
+
+def _sign(builder: x509.CertificateBuilder, hsm: Hsm, ca_ref: KeyRef) -> x509.Certificate:
+    key = private_key(hsm, ca_ref)
+    return builder.sign(key, _hash_for(key))
+
+
+def create_ca(
+    hsm: Hsm, name: str, *, alg: KeyAlg = KeyAlg.P256, label: str | None = None
+) -> tuple[KeyRef, x509.Certificate]:
+    """Generate the CA key in the HSM and its self-signed certificate (10 years, pathlen 0).
+
+    :param name: the CA's common name.
+    :param label: the HSM label of the CA key (default ``ca:<name>``; must be unused).
+    """
+    ref = hsm.generate_key(alg, label or f"ca:{name}")
+    public_key = hsm.public_key(ref)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    return ref, _sign(_validity(builder, CA_DAYS), hsm, ca_ref=ref)
+
+
+def _issued(
+    ca_cert: x509.Certificate, subject: x509.Name, public_key: PublicKey, days: int
+) -> x509.CertificateBuilder:
+    """A builder for an end-entity certificate under ``ca_cert``."""
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return _validity(builder, days)
+
+
+def issue_tls_cert(
+    hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate, names: Sequence[str]
+) -> tuple[x509.Certificate, bytes]:
+    """Issue the server's TLS certificate for DNS names and IP addresses.
+
+    The TLS key is a software P-256 key because uvicorn reads it from a file: the caller
+    writes the returned unencrypted PKCS#8 PEM with mode 0600.
+    """
+    if not names:
+        raise InvalidRequest("A TLS certificate needs at least one host name or address")
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    builder = (
+        _issued(ca_cert, subject, key.public_key(), TLS_DAYS)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return _sign(builder, hsm, ca_ref), pem
+
+
+def issue_slot_cert(
+    hsm: Hsm,
+    ca_ref: KeyRef,
+    ca_cert: x509.Certificate,
+    slot: str,
+    public_key: PublicKey,
+    subject_name: str,
+    email: str | None = None,
+    upn: str | None = None,
+) -> x509.Certificate:
+    """Issue the certificate of one PIV slot with that slot's profile (module docstring).
+
+    :param slot: ``9a``, ``9c``, ``9d`` or ``9e``.
+    :param subject_name: the subject's common name (the user name).
+    :param email: rfc822Name in the SAN of 9A, 9C and 9D.
+    :param upn: Microsoft UPN otherName in the SAN of 9A (Windows logon).
+    """
+    slot = slot.lower()
+    eku: list[ObjectIdentifier]
+    if slot == "9a":
+        usage = _key_usage(digital_signature=True)
+        eku = [ExtendedKeyUsageOID.CLIENT_AUTH, OID_SMARTCARD_LOGON]
+    elif slot == "9c":
+        usage = _key_usage(digital_signature=True, content_commitment=True)
+        eku = [ExtendedKeyUsageOID.EMAIL_PROTECTION]
+    elif slot == "9d":
+        if isinstance(public_key, rsa.RSAPublicKey):
+            usage = _key_usage(key_encipherment=True)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            usage = _key_usage(key_agreement=True)
+        else:
+            raise InvalidRequest("A 9D key must be RSA or EC (Ed25519 cannot decrypt)")
+        eku = [ExtendedKeyUsageOID.EMAIL_PROTECTION]
+    elif slot == "9e":
+        usage = _key_usage(digital_signature=True)
+        eku = [OID_PIV_CARD_AUTH]
+    else:
+        raise InvalidRequest(f"Unknown PIV slot {slot!r}; expected one of {', '.join(SLOTS)}")
+    alt_names: list[x509.GeneralName] = []
+    if slot == "9a" and upn:
+        alt_names.append(x509.OtherName(OID_UPN, UTF8String(upn).dump()))
+    if slot != "9e" and email:
+        alt_names.append(x509.RFC822Name(email))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_name)])
+    builder = (
+        _issued(ca_cert, subject, public_key, SLOT_DAYS)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    )
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    return _sign(builder, hsm, ca_ref)
+
+
+def build_csr(hsm: Hsm, ref: KeyRef, subject: x509.Name) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request for an HSM key, signed in the HSM, for an external CA."""
+    key = private_key(hsm, ref)
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, _hash_for(key))
+
+
+def check_cert_matches(cert: x509.Certificate, public_key: PublicKey) -> None:
+    """Refuse a certificate whose public key is not ``public_key`` (``cert import``)."""
+    if _spki(cert.public_key()) != _spki(public_key):
+        raise InvalidRequest("The certificate does not match the slot's key")
+
+
+def _spki(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def cert_sha256(cert: x509.Certificate) -> str:
+    """Hex SHA-256 of a certificate's DER, as the relay pins the CA."""
+    return cert.fingerprint(hashes.SHA256()).hex()
