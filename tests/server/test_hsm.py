@@ -85,7 +85,7 @@ def test_private_keys_are_sensitive_and_not_extractable(
             priv[secret_attr]
         wrapper = s.generate_key(KeyType.AES, 256, store=False)
         with pytest.raises(p11e.KeyUnextractable):
-            wrapper.wrap_key(priv)
+            wrapper.wrap_key(priv)  # type: ignore[attr-defined]
         with pytest.raises(p11e.PKCS11Error):
             priv[Attribute.EXTRACTABLE] = True
         assert priv[Attribute.EXTRACTABLE] is False
