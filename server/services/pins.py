@@ -4,7 +4,9 @@ Every attempt first *spends* a try in one guarded ``UPDATE ... WHERE retries > 0
 on PostgreSQL, the write lock on SQLite, held until commit), then checks the argon2id hash; a
 correct value restores the counter. Concurrent wrong PINs therefore each cost one try, and no
 number of parallel guesses gets more tries than the counter allows. Counters live in the
-database, so they survive restarts.
+database, so they survive restarts. The counters are only ever changed by SQL, never through
+the ORM object (a stale attribute flushed later would undo a concurrent decrement); read them
+with :func:`status`.
 """
 
 from __future__ import annotations
@@ -119,7 +121,6 @@ def verify(
         )
         audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=f"user:{user.name}")
         session.commit()
-        user.pin_retries = policy.pin_tries
         return
     audit.append(
         session,
@@ -129,7 +130,6 @@ def verify(
         details={"retries": left},
     )
     session.commit()
-    user.pin_retries = left
     raise PinIncorrect(left)
 
 
