@@ -20,8 +20,6 @@ import struct
 import threading
 from typing import Final, Protocol
 
-from vcard.apdu import TRAFFIC, redact, redact_response
-
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -95,8 +93,8 @@ class VpcdLink:
     :param host: vpcd's address.
     :param port: vpcd's TCP port (35963 for the first slot, +1 for the second).
 
-    APDUs are logged at the TRAFFIC level (5) only, with secrets redacted by
-    :func:`vcard.apdu.redact`; responses show only their length and status word.
+    The link logs connections and control codes; APDUs are traced (redacted) by the card
+    itself at the TRAFFIC level, so they are not logged twice.
     """
 
     def __init__(
@@ -134,12 +132,7 @@ class VpcdLink:
             else:
                 logger.warning("vpcd: unknown control code %02X ignored", code)
             return None
-        if logger.isEnabledFor(TRAFFIC):
-            logger.log(TRAFFIC, "> %s", redact(payload))
-        response = self.card.transmit(payload)
-        if logger.isEnabledFor(TRAFFIC):
-            logger.log(TRAFFIC, "< %s", redact_response(response))
-        return response
+        return self.card.transmit(payload)
 
     # -- connection -----------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import struct
 import threading
@@ -11,7 +10,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from vcard.apdu import TRAFFIC
 from vcard.vpcd import VpcdLink, VpcdUnreachable, frame, parse_address
 
 ATR = bytes.fromhex("3BFB1300008131FE158059A000000308000010000071")
@@ -232,31 +230,3 @@ def test_stop_ends_run_and_powers_off(vpcd: FakeVpcd, card: FakeCard) -> None:
     assert not thread.is_alive()
     assert conn.recv(1) == b""  # vpcd sees the card go away
     assert card.events == ["off"]
-
-
-def test_traffic_log_uses_redactor_and_hides_responses(
-    vpcd: FakeVpcd, card: FakeCard, caplog: pytest.LogCaptureFixture
-) -> None:
-    secret_verify = bytes.fromhex("002000800831323334353637FF")
-    link = VpcdLink(card, "127.0.0.1", vpcd.port)
-    thread = threading.Thread(target=link.run, daemon=True)
-    thread.start()
-    vpcd.accept()
-    with caplog.at_level(TRAFFIC, logger="vcard.vpcd"):
-        vpcd.send(secret_verify)
-        assert vpcd.recv() == b"\x20\x90\x00"
-    link.stop()
-    thread.join(5)
-    text = caplog.text
-    assert "00 20 00 80 08" in text
-    assert "31 32 33" not in text
-    assert "<1 bytes> 90 00" in text
-
-
-def test_no_traffic_logged_above_trace_level(
-    vpcd: FakeVpcd, card: FakeCard, link: VpcdLink, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.DEBUG, logger="vcard.vpcd"):
-        vpcd.send(bytes.fromhex("002000800831323334353637FF"))
-        vpcd.recv()
-    assert "00 20 00 80" not in caplog.text
