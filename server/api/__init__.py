@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies, the one error-to-response table, and the routers."""

@@ -1,0 +1,83 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the database session, the HSM, the settings
+and the authenticated principals (users and administrators)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
+from sqlalchemy.orm import Session
+
+from server.config import Settings
+from server.errors import Forbidden, ServerError, Unauthorized
+from server.hsm import Hsm
+from server.services import tokens
+from server.services.tokens import Principal
+
+_bearer = HTTPBearer(auto_error=False, description="An access token or the admin token")
+_basic = HTTPBasic(auto_error=False, description="The user's password (CSC auth/login)")
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """One session per request; services commit their own units of work."""
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_hsm(request: Request) -> Hsm:
+    hsm: Hsm | None = request.app.state.hsm
+    if hsm is None:
+        raise ServerError("the HSM is not open")
+    return hsm
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+HsmDep = Annotated[Hsm, Depends(get_hsm)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+BasicDep = Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+
+
+def bearer_token(credentials: BearerDep) -> str:
+    """The Bearer token of the request; its absence is a 401."""
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("a Bearer token is required")
+    return credentials.credentials
+
+
+TokenDep = Annotated[str, Depends(bearer_token)]
+
+
+def get_principal(session: SessionDep, token: TokenDep) -> Principal:
+    """Whoever the Bearer token names (an unknown or expired token is a 401)."""
+    return tokens.authenticate(session, token)
+
+
+def get_current_user(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """A user's access token; the admin token does not act as a user."""
+    if principal.kind == "admin":
+        raise Forbidden("this operation needs a user's access token")
+    return principal
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """The admin token; a user's token is refused."""
+    if principal.kind != "admin":
+        raise Forbidden("this operation needs the admin token")
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+AdminPrincipal = Annotated[Principal, Depends(get_admin)]

@@ -1,0 +1,1 @@
+"""Routers: authentication, CSC signing, PIV operations, administration, audit, health."""

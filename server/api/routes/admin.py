@@ -1,0 +1,146 @@
+"""Administration (``/api/v1/admin``, admin token only): users, enrollment, revocation, PIN
+unblock, and CSR / certificate import for an external CA."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, status
+
+from server.api.deps import AdminPrincipal, HsmDep, SessionDep, SettingsDep
+from server.hsm import KeyAlg
+from server.models import User
+from server.schemas import (
+    CertImportRequest,
+    CertResponse,
+    CsrResponse,
+    EnrolledCredential,
+    EnrollRequest,
+    EnrollResponse,
+    ErrorResponse,
+    RevokeResponse,
+    UnblockResponse,
+    UserCreate,
+    UserCreated,
+    UserOut,
+)
+from server.services import credentials, enrollment, pins, users
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse},
+}
+
+router = APIRouter(prefix="/api/v1/admin/users", tags=["Administration"], responses=_ERRORS)
+
+
+def _out(session: SessionDep, user: User) -> UserOut:
+    return UserOut(
+        name=user.name,
+        email=user.email,
+        upn=user.upn,
+        disabled=user.disabled,
+        enrolled=bool(credentials.list_for_user(session, user.id)),
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def add_user(session: SessionDep, admin: AdminPrincipal, body: UserCreate) -> UserCreated:
+    """Create a user; without a password the server generates one and returns it once."""
+    password = body.password or secrets.token_urlsafe(15)
+    user = users.add_user(
+        session, body.name, password=password, email=body.email, upn=body.upn, actor=admin.actor
+    )
+    out = _out(session, user)
+    return UserCreated(**out.model_dump(), password=None if body.password else password)
+
+
+@router.get("")
+def list_users(session: SessionDep, _admin: AdminPrincipal) -> list[UserOut]:
+    """Every user with its state."""
+    return [_out(session, u) for u in users.list_users(session)]
+
+
+@router.post("/{name}/disable")
+def disable_user(session: SessionDep, admin: AdminPrincipal, name: str) -> UserOut:
+    """No more logins or key use; the user's sessions and SADs are revoked."""
+    return _out(session, users.disable_user(session, name, actor=admin.actor))
+
+
+@router.post("/{name}/enroll", status_code=status.HTTP_201_CREATED)
+def enroll(
+    session: SessionDep,
+    hsm: HsmDep,
+    settings: SettingsDep,
+    admin: AdminPrincipal,
+    name: str,
+    body: EnrollRequest,
+) -> EnrollResponse:
+    """Generate the 9A/9C/9D/9E keys in the HSM, issue their certificates, set the PIN, PUK
+    and TOTP secret, and create a one-time enrollment code; the secrets are shown once."""
+    result = enrollment.enroll(
+        session,
+        hsm,
+        settings,
+        name,
+        alg=KeyAlg(body.alg.value),
+        otp_per_signature=body.otp_per_signature,
+        actor=admin.actor,
+    )
+    return EnrollResponse(
+        user=result.user,
+        pin=result.pin,
+        puk=result.puk,
+        otp_uri=result.otp_uri,
+        enrollment_code=result.enrollment_code,
+        credentials=[
+            EnrolledCredential(slot=c.slot, credential_id=c.credential_id, alg=c.alg)
+            for c in result.credentials
+        ],
+    )
+
+
+@router.post("/{name}/revoke")
+def revoke(session: SessionDep, admin: AdminPrincipal, name: str) -> RevokeResponse:
+    """Revoke the user's credentials, sessions, SADs, devices and unused enrollment codes."""
+    return RevokeResponse(user=name, revoked=enrollment.revoke(session, name, actor=admin.actor))
+
+
+@router.post("/{name}/unblock")
+def unblock(
+    session: SessionDep, settings: SettingsDep, admin: AdminPrincipal, name: str
+) -> UnblockResponse:
+    """Set a new random PIN and reset the PIN and PUK counters."""
+    user = users.get_user(session, name)
+    pin = pins.admin_unblock(session, user, settings.policy, actor=admin.actor)
+    return UnblockResponse(user=name, pin=pin)
+
+
+@router.post("/{name}/certs/{slot}/csr")
+def cert_csr(
+    session: SessionDep, hsm: HsmDep, admin: AdminPrincipal, name: str, slot: str
+) -> CsrResponse:
+    """A PEM CSR for the user's key in ``slot``, signed in the HSM (for an external CA)."""
+    return CsrResponse(csr=enrollment.make_csr(session, hsm, name, slot, actor=admin.actor))
+
+
+@router.put("/{name}/certs/{slot}")
+def cert_import(
+    session: SessionDep,
+    hsm: HsmDep,
+    admin: AdminPrincipal,
+    name: str,
+    slot: str,
+    body: CertImportRequest,
+) -> CertResponse:
+    """Install an externally issued certificate after checking it matches the slot's key."""
+    cred = enrollment.import_cert(
+        session, hsm, name, slot, body.certificate.encode(), actor=admin.actor
+    )
+    return CertResponse(slot=cred.slot, credential_id=cred.id, certificate=cred.cert_pem or "")
+
+
+routers = [router]

@@ -1,0 +1,37 @@
+"""Logging (``/api/v1/admin/audit``, admin token only): verify and export the hash-chained
+audit log (rule 7)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import func, select
+
+from server.api.deps import AdminPrincipal, SessionDep
+from server.models import AuditRecord
+from server.schemas import AuditRecordOut, AuditVerifyResponse, ErrorResponse
+from server.services import audit
+
+router = APIRouter(
+    prefix="/api/v1/admin/audit",
+    tags=["Logging"],
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+
+
+@router.get("/verify")
+def verify(session: SessionDep, _admin: AdminPrincipal) -> AuditVerifyResponse:
+    """Check the whole chain; a broken one names its first bad record."""
+    bad = audit.verify(session)
+    records = session.scalar(select(func.count()).select_from(AuditRecord)) or 0
+    if bad is None:
+        return AuditVerifyResponse(ok=True, records=records)
+    return AuditVerifyResponse(ok=False, records=records, first_bad=bad.seq, reason=bad.reason)
+
+
+@router.get("/export")
+def export(session: SessionDep, _admin: AdminPrincipal) -> list[AuditRecordOut]:
+    """Every record, oldest first."""
+    return [AuditRecordOut.model_validate(r) for r in audit.export(session)]
+
+
+routers = [router]

@@ -1,0 +1,47 @@
+"""Authentication (``/api/v1/auth``): password + TOTP login, refresh, logout."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from server.api.deps import CurrentUser, SessionDep, SettingsDep
+from server.schemas import ErrorResponse, LoginRequest, RefreshRequest, TokenResponse
+from server.services import signing, tokens
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
+}
+
+router = APIRouter(prefix="/api/v1/auth", tags=["Authentication"], responses=_ERRORS)
+
+
+def _pair(pair: tokens.TokenPair) -> TokenResponse:
+    return TokenResponse(
+        access_token=pair.access_token,
+        refresh_token=pair.refresh_token,
+        expires_in=pair.expires_in,
+    )
+
+
+@router.post("/login")
+def login(session: SessionDep, settings: SettingsDep, body: LoginRequest) -> TokenResponse:
+    """Password and TOTP → a short-lived access token and a refresh token (rule 6)."""
+    return _pair(tokens.login(session, settings.policy, body.username, body.password, body.otp))
+
+
+@router.post("/refresh")
+def refresh(session: SessionDep, settings: SettingsDep, body: RefreshRequest) -> TokenResponse:
+    """Rotate the refresh token: the old one and its access tokens stop working."""
+    return _pair(tokens.refresh(session, settings.policy, body.refresh_token))
+
+
+@router.post("/logout", status_code=204)
+def logout(session: SessionDep, user: CurrentUser) -> Response:
+    """End the session of this access token (its refresh token and PIN state included)."""
+    signing.end_session(session, user)
+    return Response(status_code=204)
+
+
+routers = [router]

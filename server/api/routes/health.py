@@ -1,0 +1,18 @@
+"""Liveness: ``GET /healthz`` answers without touching the HSM or the database."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.schemas import HealthResponse
+
+router = APIRouter(tags=["Health"])
+
+
+@router.get("/healthz")
+def healthz() -> HealthResponse:
+    """The process is up and serving requests."""
+    return HealthResponse(status="ok")
+
+
+routers = [router]

@@ -1,0 +1,72 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
+uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
+``app.state.hsm``. The database engine and session factory live on ``app.state`` too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.api.errors import install_error_handlers
+from server.api.routes import admin, audit, auth, csc, health, piv
+from server.config import Settings
+from server.db import make_engine, session_factory
+from server.hsm import Hsm
+
+DATA_DIR_ENV = "CARDBRIDGE_DATA"
+"""Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    hsm: Hsm | None = None,
+    sessions: sessionmaker[Session] | None = None,
+) -> FastAPI:
+    """Build the server's ASGI app.
+
+    :param settings: the data directory's settings; ``None`` loads them from ``$CARDBRIDGE_DATA``
+        (what ``uvicorn --factory server.app:create_app`` does in each worker).
+    :param hsm: an open HSM session to use (tests); the app then never closes it.
+    :param sessions: a session factory to use instead of one over ``settings.db_url``.
+    """
+    if settings is None:
+        settings = Settings.load(os.environ[DATA_DIR_ENV])
+    resolved = settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        opened: Hsm | None = None
+        if getattr(app.state, "hsm", None) is None:
+            if resolved.softhsm_conf is not None:
+                os.environ["SOFTHSM2_CONF"] = str(resolved.softhsm_conf)
+            opened = Hsm.open(resolved.hsm_module, resolved.token_label, resolved.hsm_pin())
+            app.state.hsm = opened
+        try:
+            yield
+        finally:
+            if opened is not None:
+                app.state.hsm = None
+                opened.close()
+
+    app = FastAPI(
+        title="cardbridge signing server",
+        version="1",
+        summary="PIV keys in an HSM: CSC signing API, PIV operations, administration, audit.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.hsm = hsm
+    app.state.sessions = sessions or session_factory(make_engine(settings.db_url))
+    install_error_handlers(app)
+    for module in (health, auth, csc, piv, admin, audit):
+        for router in module.routers:
+            app.include_router(router)
+    return app
