@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pkcs11
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
-from pkcs11.util.ec import encode_ecdsa_signature, encode_named_curve_parameters
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from server.algorithms import KeyAlg, hash_by_name
-from server.errors import Conflict, HsmError, InvalidRequest, NotFound
+from server.errors import Conflict, HsmError, InvalidRequest, NotFound, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,44 @@ class KeyRef:
     alg: KeyAlg
 
 
+def _translate(e: p11e.PKCS11Error) -> ServerError:
+    """The server error for a PKCS#11 error (the only place this mapping happens)."""
+    name = type(e).__name__
+    if isinstance(e, _CLIENT_ERRORS):
+        return InvalidRequest(f"The HSM refused the input [{name}]")
+    if isinstance(e, p11e.NoSuchKey):
+        return NotFound("No such key in the HSM")
+    return HsmError(f"HSM operation failed [{name}]")
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Turn PKCS#11 errors into server errors (the only place this happens)."""
+    """Raise PKCS#11 errors as server errors, chained (``from e``)."""
     try:
         yield
     except p11e.PKCS11Error as e:
-        name = type(e).__name__
-        if isinstance(e, _CLIENT_ERRORS):
-            raise InvalidRequest(f"The HSM refused the input [{name}]") from e
-        if isinstance(e, p11e.NoSuchKey):
-            raise NotFound("No such key in the HSM") from e
-        raise HsmError(f"HSM operation failed [{name}]") from e
+        raise _translate(e) from e
+
+
+class _Guard:
+    """Holds the module lock around one use of the shared session; translates errors.
+
+    A class rather than a generator context manager: it runs on every signature.
+    """
+
+    __slots__ = ("_shared",)
+
+    def __init__(self, shared: _SharedSession) -> None:
+        self._shared = shared
+
+    def __enter__(self) -> Any:
+        self._shared.lock.acquire()
+        return self._shared.session
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._shared.lock.release()
+        if isinstance(exc, p11e.PKCS11Error):
+            raise _translate(exc) from exc
 
 
 class _SharedSession:
@@ -111,6 +137,7 @@ class Hsm:
 
     def __init__(self, shared: _SharedSession, module_path: str, token_label: str) -> None:
         self._shared = shared
+        self._guard = _Guard(shared)
         self._key = (module_path, token_label)
         self._closed = False
         self.token_label = token_label
@@ -175,12 +202,10 @@ class Hsm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _session(self) -> Iterator[Any]:
+    def _session(self) -> _Guard:
         if self._closed:
             raise HsmError("HSM handle is closed")
-        with self._shared.lock, _translated():
-            yield self._shared.session
+        return self._guard
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -320,7 +345,10 @@ class Hsm:
             raise InvalidRequest("PSS needs an RSA key")
         with self._session() as s:
             rs = self._private(s, ref).sign(digest, mechanism=Mechanism.ECDSA)
-        return bytes(encode_ecdsa_signature(rs))
+        half = len(rs) // 2
+        return utils.encode_dss_signature(
+            int.from_bytes(rs[:half], "big"), int.from_bytes(rs[half:], "big")
+        )
 
     def _rsa_sign(self, ref: KeyRef, data: bytes, mech: Mechanism, param: Any) -> bytes:
         with self._session() as s:
