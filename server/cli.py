@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,9 @@ def server_run(
     os.environ[DATA_DIR_ENV] = str(data)  # each worker's create_app() reads it
     url_file = data / SERVER_URL_FILE
     url_file.write_text(local_url(host, port) + "\n")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler it
+    # found; this one turns that into exit status 0, so a service manager sees a clean stop.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     try:
         uvicorn.run(
             "server.app:create_app",
@@ -171,6 +175,10 @@ def server_run(
         )
     finally:
         url_file.unlink(missing_ok=True)
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:

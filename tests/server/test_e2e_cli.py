@@ -33,11 +33,12 @@ DIGEST = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # 32 bytes
 
 
 def _fingerprint(data: Path) -> dict[str, str]:
-    """SHA-256 of every file in DIR except the live database and logs."""
+    """SHA-256 of every file in DIR except the live database and SoftHSM's token.object
+    (token flags SoftHSM rewrites on every login); every key object file is included."""
     return {
         str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(data.rglob("*"))
-        if p.is_file() and p.suffix not in (".db", ".log") and p.name != "server.url"
+        if p.is_file() and p.suffix != ".db" and p.name not in ("server.url", "token.object")
     }
 
 
