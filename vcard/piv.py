@@ -102,14 +102,6 @@ _APT_ALGORITHMS: Final = (*MgmtAlg, *KeyType)
 _PIN_PAD: Final[int] = 0xFF
 
 
-def certificate_object(der: bytes) -> bytes:
-    """The value of a certificate data object: ``70 DER; 71 00; FE 00`` (Part 1 table 10).
-
-    ``70`` comes first and nothing is compressed, which ykpiv/ykcs11 2.2 need.
-    """
-    return Tlv(0x70, der) + Tlv(0x71, b"\x00") + Tlv(TAG_ERROR_DETECTION)
-
-
 def encode_public_key(key: PublicKey) -> bytes:
     """Public key data objects as in GENERATE's reply (Part 2 §3.3.2, table 11)."""
     if isinstance(key, rsa.RSAPublicKey):
