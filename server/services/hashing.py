@@ -13,7 +13,9 @@ import secrets
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-_hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile defaults
+PRODUCTION_HASHER = PasswordHasher()
+"""argon2id with argon2-cffi's defaults (RFC 9106 low-memory profile: t=3, m=64 MiB, p=4)."""
+_hasher = PRODUCTION_HASHER
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pyotp
 import pytest
+from argon2 import PasswordHasher
 from hsm_fixtures import hsm, hsm_token  # noqa: F401 -- re-exported fixtures
 from pgcluster import PgCluster
 from sqlalchemy import Engine
@@ -17,11 +18,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.config import Policy
 from server.db import make_engine, migrate, session_factory
 from server.models import User, utcnow
-from server.services import otp, pins, users
+from server.services import hashing, otp, pins, users
 
 BACKENDS = ("sqlite", "postgresql")
 PASSWORD = "correct horse battery"
 PIN, PUK = "123456", "12345678"
+
+
+@pytest.fixture(autouse=True)
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2id with test-sized cost, so hundreds of PIN checks stay fast (the production
+    parameters are asserted in test_services_pins.py)."""
+    monkeypatch.setattr(
+        hashing, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,16 @@ from server.config import Policy
 from server.db import make_engine, session_factory
 from server.errors import InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
 from server.models import AuditRecord, User
-from server.services import audit, pins
+from server.services import audit, hashing, pins
+
+
+def test_production_hashes_are_argon2id(make_user: MakeUser, session: Session) -> None:
+    stored = hashing.PRODUCTION_HASHER.hash(PIN)
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert hashing.PRODUCTION_HASHER.verify(stored, PIN)
+    user = make_user()
+    assert user.pin_hash is not None and user.pin_hash.startswith("$argon2id$")
+    assert user.puk_hash is not None and user.password_hash is not None
 
 
 def test_correct_pin_resets_counter(session: Session, make_user: MakeUser, policy: Policy) -> None:

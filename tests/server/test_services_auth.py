@@ -1,0 +1,143 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Users, TOTP (rule 6) and tokens: login, replayed steps, rate limits, refresh, revoke."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pyotp
+import pytest
+from conftest import PASSWORD, MakeUser, totp_now
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.config import Policy
+from server.errors import Conflict, InvalidOtp, InvalidRequest, RateLimited, Unauthorized
+from server.models import AuditRecord, AuthToken, User, utcnow
+from server.services import audit, otp, tokens, users
+
+
+def test_add_list_disable(session: Session) -> None:
+    users.add_user(session, "bob", password="long enough pw")
+    users.add_user(session, "amy")
+    assert [u.name for u in users.list_users(session)] == ["amy", "bob"]
+    with pytest.raises(Conflict):
+        users.add_user(session, "bob")
+    with pytest.raises(InvalidRequest):
+        users.add_user(session, "bad name")
+    with pytest.raises(InvalidRequest):
+        users.add_user(session, "carl", password="short")
+    users.authenticate_password(session, "bob", "long enough pw")
+    users.disable_user(session, "bob")
+    with pytest.raises(Unauthorized):
+        users.authenticate_password(session, "bob", "long enough pw")
+
+
+@pytest.mark.parametrize(
+    ("name", "password"), [("alice", "wrong password"), ("nobody", PASSWORD), ("amy", PASSWORD)]
+)
+def test_password_failures(session: Session, make_user: MakeUser, name: str, password: str) -> None:
+    make_user()
+    users.add_user(session, "amy")  # no password: cannot log in by password
+    with pytest.raises(Unauthorized):
+        users.authenticate_password(session, name, password)
+    with pytest.raises(Unauthorized):
+        tokens.login(session, Policy(), name, password, "000000")
+    last = session.scalars(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()
+    assert last is not None and last.event == audit.Event.LOGIN_FAILED
+
+
+def test_totp_step_is_accepted_once(session: Session, make_user: MakeUser, policy: Policy) -> None:
+    user = make_user()
+    code = totp_now(user)
+    otp.verify(session, user, code, policy)
+    with pytest.raises(InvalidOtp):
+        otp.verify(session, user, code, policy)
+    with pytest.raises(InvalidOtp):  # an older step after a newer one is refused too
+        otp.verify(session, user, totp_now(user, -1), policy)
+    otp.verify(session, user, totp_now(user, +1), policy)  # next step (clock drift) is fine
+
+
+def test_otp_failures_are_rate_limited(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    for _ in range(policy.otp_max_failures):
+        with pytest.raises(InvalidOtp):
+            otp.verify(session, user, "abcdef", policy)
+    with pytest.raises(RateLimited):  # even the right code is not checked now
+        otp.verify(session, user, totp_now(user), policy)
+    later = utcnow() + timedelta(seconds=policy.otp_window + 1)
+    code = pyotp.TOTP(user.otp_secret or "").at(later)
+    otp.verify(session, user, code, policy, now=later)  # the window has passed
+
+
+def test_correct_otp_returns_its_reservation(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    with pytest.raises(InvalidOtp):
+        otp.verify(session, user, "000000" if totp_now(user) != "000000" else "111111", policy)
+    otp.verify(session, user, totp_now(user), policy)
+    session.expire_all()
+    assert session.get(User, user.id).otp_failures == 1  # type: ignore[union-attr]
+
+
+def test_otpauth_uri(make_user: MakeUser) -> None:
+    user = make_user("bob@example.org")
+    uri = otp.otpauth_uri(user, user.otp_secret or "")
+    assert uri.startswith("otpauth://totp/cardbridge:bob%40example.org?")
+    assert f"secret={user.otp_secret}" in uri and "issuer=cardbridge" in uri
+
+
+def test_login_refresh_revoke(session: Session, make_user: MakeUser, policy: Policy) -> None:
+    user = make_user()
+    pair = tokens.login(session, policy, "alice", PASSWORD, totp_now(user))
+    me = tokens.authenticate(session, pair.access_token)
+    assert (me.kind, me.name, me.user_id, me.second_factor) == ("user", "alice", user.id, True)
+    with pytest.raises(Unauthorized):  # a refresh token is not an access token
+        tokens.authenticate(session, pair.refresh_token)
+
+    new = tokens.refresh(session, policy, pair.refresh_token)
+    with pytest.raises(Unauthorized):  # rotated: the old refresh token is spent ...
+        tokens.refresh(session, policy, pair.refresh_token)
+    with pytest.raises(Unauthorized):  # ... and so is its access token
+        tokens.authenticate(session, pair.access_token)
+    tokens.authenticate(session, new.access_token)
+
+    tokens.revoke(session, new.refresh_token)
+    with pytest.raises(Unauthorized):  # revoking a refresh token kills its access tokens
+        tokens.authenticate(session, new.access_token)
+
+
+def test_login_needs_otp_unless_csc(session: Session, make_user: MakeUser, policy: Policy) -> None:
+    make_user()
+    with pytest.raises(InvalidOtp):
+        tokens.login(session, policy, "alice", PASSWORD, None)
+    pair = tokens.login(session, policy, "alice", PASSWORD, None, require_otp=False)
+    assert tokens.authenticate(session, pair.access_token).second_factor is False
+
+
+def test_expired_and_disabled(session: Session, make_user: MakeUser, policy: Policy) -> None:
+    user = make_user()
+    pair = tokens.login(session, policy, "alice", PASSWORD, totp_now(user))
+    session.execute(update(AuthToken).values(expires_at=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    with pytest.raises(Unauthorized):
+        tokens.authenticate(session, pair.access_token)
+    pair = tokens.login(session, policy, "alice", PASSWORD, totp_now(user, 1))
+    users.disable_user(session, "alice")
+    with pytest.raises(Unauthorized):
+        tokens.authenticate(session, pair.access_token)
+
+
+def test_admin_token(session: Session) -> None:
+    token = tokens.create_admin_token(session)
+    p = tokens.authenticate(session, token)
+    assert (p.kind, p.actor) == ("admin", "admin")
+    tokens.revoke(session, token)  # the admin token cannot be revoked through the user API
+    tokens.authenticate(session, token)
+    stored = session.scalars(select(AuthToken.token_hash)).all()
+    assert token not in stored
+    with pytest.raises(Unauthorized):
+        tokens.authenticate(session, token + "x")
