@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -122,7 +123,9 @@ class _SharedSession:
 
 _registry_lock = threading.Lock()
 _module_locks: dict[str, threading.Lock] = {}
-_sessions: dict[tuple[str, str], _SharedSession] = {}
+# SOFTHSM2_CONF each loaded module was initialised with (SoftHSM reads it only then).
+_module_confs: dict[str, str | None] = {}
+_sessions: dict[tuple[str, str | None, str], _SharedSession] = {}
 
 
 def _pin_digest(pin: str) -> bytes:
@@ -135,22 +138,24 @@ class Hsm:
     Open it after forking (e.g. in each server worker's lifespan), never before.
     """
 
-    def __init__(self, shared: _SharedSession, module_path: str, token_label: str) -> None:
+    def __init__(self, shared: _SharedSession, key: tuple[str, str | None, str]) -> None:
         self._shared = shared
         self._guard = _Guard(shared)
-        self._key = (module_path, token_label)
+        self._key = key
         self._closed = False
-        self.token_label = token_label
+        self.token_label = key[2]
 
     @classmethod
     def open(cls, module_path: str, token_label: str, pin: str) -> Hsm:
         """Load ``module_path``, find the token labelled ``token_label`` and log in with ``pin``.
 
-        SoftHSM2 reads ``SOFTHSM2_CONF`` and its token directory when the module is
-        initialised; a token created later is found by re-initialising the module, which is
-        only possible while no session of this process is open on it.
+        All handles of a process on one token share one logged-in session. SoftHSM2 reads
+        ``SOFTHSM2_CONF`` (and its token directory) only when the module is initialised, so
+        the module is re-initialised when that variable has changed or the token appeared
+        later; that is refused while another session of this process is open on the module.
         """
-        key = (module_path, token_label)
+        conf = os.environ.get("SOFTHSM2_CONF")
+        key = (module_path, conf, token_label)
         with _registry_lock, _translated():
             shared = _sessions.get(key)
             if shared is not None:
@@ -160,19 +165,26 @@ class Hsm:
                 lock = _module_locks.setdefault(module_path, threading.Lock())
                 with lock:
                     lib = pkcs11.lib(module_path)
-                    token = cls._find_token(lib, module_path, token_label)
+                    token = cls._find_token(lib, module_path, conf, token_label)
                     session = token.open(rw=True, user_pin=pin)
                 shared = _SharedSession(lib, session, _pin_digest(pin), lock)
                 _sessions[key] = shared
             shared.users += 1
-        return cls(shared, module_path, token_label)
+        return cls(shared, key)
 
     @staticmethod
-    def _find_token(lib: Any, module_path: str, token_label: str) -> Any:
+    def _find_token(lib: Any, module_path: str, conf: str | None, token_label: str) -> Any:
+        busy = any(k[0] == module_path for k in _sessions)
+        loaded_conf = _module_confs.setdefault(module_path, conf)
+        if loaded_conf != conf:
+            if busy:
+                raise HsmError("SOFTHSM2_CONF changed while a session on the module is open")
+            lib.reinitialize()
+            _module_confs[module_path] = conf
         try:
             return lib.get_token(token_label=token_label)
         except p11e.NoSuchToken:
-            if any(k[0] == module_path for k in _sessions):
+            if busy:
                 raise HsmError(
                     f"Token {token_label!r} not found; the module was initialised before "
                     "it existed and another session of this process is open"

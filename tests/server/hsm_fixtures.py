@@ -2,12 +2,13 @@
 """One SoftHSM2 token per test process, shared by every server test that needs an HSM.
 
 SoftHSM2 reads SOFTHSM2_CONF once per process, so the token is created once and memoised
-here even if several conftest/test modules import these fixtures. Import them with
-``from hsm_fixtures import hsm, hsm_token  # noqa: F401``.
+here even if several conftest/test modules import these fixtures (tests/server/conftest.py
+re-exports them).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.hsm import Hsm
-from server.hsm.softhsm import init_token
+from server.hsm.softhsm import init_token, softhsm_conf
 
 
 @dataclass(frozen=True)
@@ -46,5 +47,6 @@ def hsm_token(tmp_path_factory: pytest.TempPathFactory) -> HsmToken:
 @pytest.fixture(scope="session")
 def hsm(hsm_token: HsmToken) -> Iterator[Hsm]:
     """A logged-in :class:`Hsm` on the shared token."""
+    os.environ["SOFTHSM2_CONF"] = str(softhsm_conf(hsm_token.data_dir).resolve())
     with Hsm.open(hsm_token.module, hsm_token.label, hsm_token.pin) as h:
         yield h

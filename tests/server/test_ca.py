@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
-from hsm_fixtures import hsm, hsm_token  # noqa: F401
 
 from server import ca
 from server.errors import InvalidRequest
@@ -35,12 +34,12 @@ def _label(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ca_pair(hsm: Hsm) -> tuple[KeyRef, x509.Certificate]:  # noqa: F811
+def ca_pair(hsm: Hsm) -> tuple[KeyRef, x509.Certificate]:
     return ca.create_ca(hsm, "cardbridge test CA", label=_label("ca"))
 
 
 @pytest.fixture(scope="module")
-def user_keys(hsm: Hsm) -> dict[KeyAlg, KeyRef]:  # noqa: F811
+def user_keys(hsm: Hsm) -> dict[KeyAlg, KeyRef]:
     return {a: hsm.generate_key(a, _label(a.value))
             for a in (KeyAlg.P256, KeyAlg.RSA2048, KeyAlg.ED25519)}
 
@@ -50,7 +49,7 @@ def _subject(cn: str) -> x509.Name:
 
 
 def test_ca_certificate_is_self_signed_in_the_hsm(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
 ) -> None:
     ref, cert = ca_pair
     cert.verify_directly_issued_by(cert)
@@ -74,7 +73,7 @@ def test_ca_certificate_is_self_signed_in_the_hsm(
     ],
 )
 def test_certificate_builder_signs_with_hsm_keys(
-    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef], alg: KeyAlg,  # noqa: F811
+    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef], alg: KeyAlg,
     rsa_padding: padding.PSS | None,
 ) -> None:
     key = private_key(hsm, user_keys[alg])
@@ -98,7 +97,7 @@ def test_certificate_builder_signs_with_hsm_keys(
 
 
 def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],
     user_keys: dict[KeyAlg, KeyRef],
 ) -> None:
     ca_ref, ca_cert = ca_pair
@@ -150,7 +149,7 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
 
 
 def test_rsa_key_management_cert_uses_key_encipherment(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],
     user_keys: dict[KeyAlg, KeyRef],
 ) -> None:
     ca_ref, ca_cert = ca_pair
@@ -162,7 +161,7 @@ def test_rsa_key_management_cert_uses_key_encipherment(
 
 
 def test_slot_cert_refuses_bad_slot_and_ed25519_key_management(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],
     user_keys: dict[KeyAlg, KeyRef],
 ) -> None:
     ca_ref, ca_cert = ca_pair
@@ -176,7 +175,7 @@ def test_slot_cert_refuses_bad_slot_and_ed25519_key_management(
 
 
 def test_tls_certificate_validates_as_a_server(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
 ) -> None:
     ca_ref, ca_cert = ca_pair
     cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, ["localhost", "127.0.0.1"])
@@ -194,7 +193,7 @@ def test_tls_certificate_validates_as_a_server(
 
 @pytest.mark.parametrize("alg", [KeyAlg.P256, KeyAlg.RSA2048, KeyAlg.ED25519])
 def test_csr_signed_in_the_hsm_verifies(
-    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef], alg: KeyAlg  # noqa: F811
+    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef], alg: KeyAlg
 ) -> None:
     csr = ca.build_csr(hsm, user_keys[alg], _subject("dave"))
     assert csr.is_signature_valid
@@ -204,7 +203,7 @@ def test_csr_signed_in_the_hsm_verifies(
 
 
 def test_cert_match_check_refuses_a_foreign_certificate(
-    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],  # noqa: F811
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],
     user_keys: dict[KeyAlg, KeyRef],
 ) -> None:
     ca_ref, ca_cert = ca_pair
@@ -219,7 +218,7 @@ def test_cert_match_check_refuses_a_foreign_certificate(
 
 
 def test_hsm_keys_decrypt_exchange_and_refuse_export(
-    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef]  # noqa: F811
+    hsm: Hsm, user_keys: dict[KeyAlg, KeyRef]
 ) -> None:
     rsa_key = private_key(hsm, user_keys[KeyAlg.RSA2048])
     ec_key = private_key(hsm, user_keys[KeyAlg.P256])

@@ -7,13 +7,14 @@ import hashlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pkcs11
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
-from hsm_fixtures import HsmToken, hsm, hsm_token  # noqa: F401
+from hsm_fixtures import HsmToken
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
 
@@ -33,22 +34,22 @@ def _label(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def rsa_ref(hsm: Hsm) -> KeyRef:  # noqa: F811
+def rsa_ref(hsm: Hsm) -> KeyRef:
     return hsm.generate_key(KeyAlg.RSA2048, _label("rsa"))
 
 
 @pytest.fixture(scope="module")
-def p256_ref(hsm: Hsm) -> KeyRef:  # noqa: F811
+def p256_ref(hsm: Hsm) -> KeyRef:
     return hsm.generate_key(KeyAlg.P256, _label("p256"))
 
 
 @pytest.fixture(scope="module")
-def p384_ref(hsm: Hsm) -> KeyRef:  # noqa: F811
+def p384_ref(hsm: Hsm) -> KeyRef:
     return hsm.generate_key(KeyAlg.P384, _label("p384"))
 
 
 @pytest.fixture(scope="module")
-def ed_ref(hsm: Hsm) -> KeyRef:  # noqa: F811
+def ed_ref(hsm: Hsm) -> KeyRef:
     return hsm.generate_key(KeyAlg.ED25519, _label("ed"))
 
 
@@ -56,7 +57,7 @@ def test_softhsm_is_installed() -> None:
     assert os.path.exists("/usr/lib/softhsm/libsofthsm2.so"), "SoftHSM2 is required"
 
 
-def test_init_token_is_idempotent(hsm_token: HsmToken) -> None:  # noqa: F811
+def test_init_token_is_idempotent(hsm_token: HsmToken) -> None:
     from server.hsm.softhsm import init_token
 
     again = init_token(hsm_token.data_dir, hsm_token.label, hsm_token.so_pin, hsm_token.pin)
@@ -68,7 +69,7 @@ def test_init_token_is_idempotent(hsm_token: HsmToken) -> None:  # noqa: F811
 
 @pytest.mark.parametrize("alg", [KeyAlg.RSA2048, KeyAlg.P256, KeyAlg.ED25519])
 def test_private_keys_are_sensitive_and_not_extractable(
-    hsm: Hsm, hsm_token: HsmToken, alg: KeyAlg  # noqa: F811
+    hsm: Hsm, hsm_token: HsmToken, alg: KeyAlg
 ) -> None:
     ref = hsm.generate_key(alg, _label("prot"))
     # A second session of the same process shares the login (PKCS#11 §5.6).
@@ -92,7 +93,7 @@ def test_private_keys_are_sensitive_and_not_extractable(
     hsm.destroy_key(ref)
 
 
-def test_labels_are_unique_and_keys_can_be_found_and_destroyed(hsm: Hsm) -> None:  # noqa: F811
+def test_labels_are_unique_and_keys_can_be_found_and_destroyed(hsm: Hsm) -> None:
     label = _label("uniq")
     ref = hsm.generate_key(KeyAlg.P256, label)
     assert len(bytes.fromhex(ref.key_id)) == 16
@@ -109,7 +110,7 @@ def test_labels_are_unique_and_keys_can_be_found_and_destroyed(hsm: Hsm) -> None
 
 
 def test_second_handle_shares_the_session_and_checks_the_pin(
-    hsm: Hsm, hsm_token: HsmToken, p256_ref: KeyRef  # noqa: F811
+    hsm: Hsm, hsm_token: HsmToken, p256_ref: KeyRef
 ) -> None:
     with pytest.raises(HsmError):
         Hsm.open(hsm_token.module, hsm_token.label, "000000")
@@ -122,14 +123,14 @@ def test_second_handle_shares_the_session_and_checks_the_pin(
     assert hsm.sign_digest(p256_ref, bytes(32), "sha256")
 
 
-def test_unknown_token_is_not_found(hsm_token: HsmToken) -> None:  # noqa: F811
+def test_unknown_token_is_not_found(hsm_token: HsmToken) -> None:
     with pytest.raises(HsmError):
         Hsm.open(hsm_token.module, "no-such-token", hsm_token.pin)
 
 
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384", "sha512"])
 def test_rsa_pkcs1v15_over_digest_info_verifies(
-    hsm: Hsm, rsa_ref: KeyRef, hash_name: str  # noqa: F811
+    hsm: Hsm, rsa_ref: KeyRef, hash_name: str
 ) -> None:
     digest = hashlib.new(hash_name, b"document").digest()
     sig = hsm.sign_digest(rsa_ref, digest, hash_name)
@@ -139,7 +140,7 @@ def test_rsa_pkcs1v15_over_digest_info_verifies(
 
 
 @pytest.mark.parametrize(("hash_name", "salt"), [("sha256", 222), ("sha256", 32), ("sha512", 64)])
-def test_rsa_pss_verifies(hsm: Hsm, rsa_ref: KeyRef, hash_name: str, salt: int) -> None:  # noqa: F811
+def test_rsa_pss_verifies(hsm: Hsm, rsa_ref: KeyRef, hash_name: str, salt: int) -> None:
     digest = hashlib.new(hash_name, b"document").digest()
     sig = hsm.sign_digest(rsa_ref, digest, hash_name, pss_salt_len=salt)
     h = HASH_ALGS[hash_name]
@@ -150,19 +151,19 @@ def test_rsa_pss_verifies(hsm: Hsm, rsa_ref: KeyRef, hash_name: str, salt: int) 
         pub.verify(sig, b"other", padding.PSS(padding.MGF1(h), salt), h)
 
 
-def test_rsa_raw_equals_pkcs1v15(hsm: Hsm, rsa_ref: KeyRef) -> None:  # noqa: F811
+def test_rsa_raw_equals_pkcs1v15(hsm: Hsm, rsa_ref: KeyRef) -> None:
     digest = hashlib.sha256(b"raw").digest()
     t = bytes.fromhex("3031300d060960864801650304020105000420") + digest
     block = b"\x00\x01" + b"\xff" * (256 - 3 - len(t)) + b"\x00" + t
     assert hsm.rsa_raw(rsa_ref, block) == hsm.sign_digest(rsa_ref, digest, "sha256")
 
 
-def test_rsa_raw_refuses_block_not_below_modulus(hsm: Hsm, rsa_ref: KeyRef) -> None:  # noqa: F811
+def test_rsa_raw_refuses_block_not_below_modulus(hsm: Hsm, rsa_ref: KeyRef) -> None:
     with pytest.raises(InvalidRequest):
         hsm.rsa_raw(rsa_ref, b"\xff" * 256)
 
 
-def test_rsa_decrypt_raw_then_type2_check(hsm: Hsm, rsa_ref: KeyRef) -> None:  # noqa: F811
+def test_rsa_decrypt_raw_then_type2_check(hsm: Hsm, rsa_ref: KeyRef) -> None:
     pub = hsm.public_key(rsa_ref)
     assert isinstance(pub, rsa.RSAPublicKey)
     ciphertext = pub.encrypt(b"session key", padding.PKCS1v15())
@@ -177,7 +178,7 @@ def test_rsa_decrypt_raw_then_type2_check(hsm: Hsm, rsa_ref: KeyRef) -> None:  #
     ("ref_name", "hash_name"), [("p256_ref", "sha256"), ("p384_ref", "sha384")]
 )
 def test_ecdsa_returns_der_that_verifies(
-    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str, hash_name: str  # noqa: F811
+    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str, hash_name: str
 ) -> None:
     ref = request.getfixturevalue(ref_name)
     digest = hashlib.new(hash_name, b"document").digest()
@@ -190,7 +191,7 @@ def test_ecdsa_returns_der_that_verifies(
 
 
 def test_sign_digest_refuses_bad_input(
-    hsm: Hsm, rsa_ref: KeyRef, p256_ref: KeyRef, ed_ref: KeyRef  # noqa: F811
+    hsm: Hsm, rsa_ref: KeyRef, p256_ref: KeyRef, ed_ref: KeyRef
 ) -> None:
     with pytest.raises(InvalidRequest, match="length"):
         hsm.sign_digest(rsa_ref, bytes(31), "sha256")
@@ -206,7 +207,7 @@ def test_sign_digest_refuses_bad_input(
         hsm.eddsa_sign(p256_ref, b"m")
 
 
-def test_ed25519_verifies(hsm: Hsm, ed_ref: KeyRef) -> None:  # noqa: F811
+def test_ed25519_verifies(hsm: Hsm, ed_ref: KeyRef) -> None:
     sig = hsm.eddsa_sign(ed_ref, b"a whole message")
     pub = hsm.public_key(ed_ref)
     assert isinstance(pub, ed25519.Ed25519PublicKey)
@@ -216,7 +217,7 @@ def test_ed25519_verifies(hsm: Hsm, ed_ref: KeyRef) -> None:  # noqa: F811
 @pytest.mark.parametrize(("ref_name", "curve"), [("p256_ref", ec.SECP256R1()),
                                                  ("p384_ref", ec.SECP384R1())])
 def test_ecdh_matches_cryptography(
-    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str, curve: ec.EllipticCurve  # noqa: F811
+    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str, curve: ec.EllipticCurve
 ) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -231,19 +232,19 @@ def test_ecdh_matches_cryptography(
         hsm.ecdh(ref, off_curve)
 
 
-def test_ecdh_refuses_rsa(hsm: Hsm, rsa_ref: KeyRef) -> None:  # noqa: F811
+def test_ecdh_refuses_rsa(hsm: Hsm, rsa_ref: KeyRef) -> None:
     with pytest.raises(InvalidRequest):
         hsm.ecdh(rsa_ref, b"\x04" + bytes(64))
 
 
-def test_public_key_checks_the_algorithm(hsm: Hsm, p256_ref: KeyRef) -> None:  # noqa: F811
+def test_public_key_checks_the_algorithm(hsm: Hsm, p256_ref: KeyRef) -> None:
     with pytest.raises(HsmError):
         hsm.public_key(KeyRef(p256_ref.key_id, KeyAlg.P384))
 
 
 @pytest.mark.parametrize("alg", [KeyAlg.RSA3072, KeyAlg.RSA4096])
 @pytest.mark.slow
-def test_large_rsa_keys(hsm: Hsm, alg: KeyAlg) -> None:  # noqa: F811
+def test_large_rsa_keys(hsm: Hsm, alg: KeyAlg) -> None:
     ref = hsm.generate_key(alg, _label(alg.value))
     digest = hashlib.sha384(b"x").digest()
     sig = hsm.sign_digest(ref, digest, "sha384")
@@ -255,7 +256,7 @@ def test_large_rsa_keys(hsm: Hsm, alg: KeyAlg) -> None:  # noqa: F811
 
 @pytest.mark.parametrize("ref_name", ["p256_ref", "rsa_ref"])
 def test_concurrent_signatures_all_verify(
-    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str  # noqa: F811
+    hsm: Hsm, request: pytest.FixtureRequest, ref_name: str
 ) -> None:
     ref = request.getfixturevalue(ref_name)
     pub = hsm.public_key(ref)
@@ -276,3 +277,16 @@ def test_concurrent_signatures_all_verify(
         else:
             assert isinstance(pub, ec.EllipticCurvePublicKey)
             pub.verify(sig, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def test_a_token_in_another_directory_is_never_opened_by_mistake(
+    hsm: Hsm, hsm_token: HsmToken, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.hsm.softhsm import init_token
+
+    monkeypatch.setenv("SOFTHSM2_CONF", os.environ["SOFTHSM2_CONF"])  # restored afterwards
+    # Same label, other directory: SoftHSM would still serve the first token, so refuse.
+    init_token(tmp_path, hsm_token.label, hsm_token.so_pin, hsm_token.pin)
+    with pytest.raises(HsmError, match="SOFTHSM2_CONF changed"):
+        Hsm.open(hsm_token.module, hsm_token.label, hsm_token.pin)
+    assert len(list((tmp_path / "tokens").iterdir())) == 1
