@@ -58,7 +58,8 @@ from server.services.hashing import new_token, token_digest
 from server.services.tokens import Principal
 
 CSC_SLOTS: Final = frozenset({"9c"})
-"""Slots offered through the CSC API: the digital signature key (SP 800-73-4 Pt 1 §3.1.2)."""
+"""Slots offered through the CSC API: the digital signature key (SP 800-73-4 Pt 1 §3.1.2).
+Keys with no signHash algorithm (Ed25519, csc-api.md §5 rule 4) are not offered."""
 
 
 class PivOp(StrEnum):
@@ -130,21 +131,21 @@ def _check_not_blocked(user: User) -> None:
 
 def csc_credentials(session: Session, principal: Principal) -> list[Credential]:
     """The caller's own active credentials offered through the CSC API (never anyone else's)."""
-    return [
-        c
-        for c in credentials.list_for_user(session, _user_id(principal))
-        if c.slot in CSC_SLOTS
-    ]
+    return [c for c in credentials.list_for_user(session, _user_id(principal)) if _is_csc(c)]
+
+
+def _is_csc(cred: Credential) -> bool:
+    return cred.slot in CSC_SLOTS and bool(key_algos(KeyAlg(cred.alg)))
 
 
 def csc_credential(session: Session, principal: Principal, credential_id: str) -> Credential:
     """The caller's active CSC credential ``credential_id``.
 
-    :raises NotFound: unknown, another user's, or not a CSC slot (not told apart).
+    :raises NotFound: unknown, another user's, or not offered by CSC (not told apart).
     :raises Forbidden: revoked, or its owner is disabled.
     """
     cred = credentials.get_for_user(session, _user_id(principal), credential_id)
-    if cred.slot not in CSC_SLOTS:
+    if not _is_csc(cred):
         raise NotFound("unknown credentialID")
     return cred
 
