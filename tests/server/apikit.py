@@ -2,7 +2,7 @@
 SQLite database and the shared SoftHSM2 token, driven in-process by FastAPI's TestClient, with a
 CA in the HSM, the admin token, and enrolled users that log in like real clients.
 
-Import with ``from apikit import Api, api  # noqa: F401``.
+Import with ``from apikit import Api, api_fixture  # noqa: F401`` (the fixture is ``api``).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@pytest.fixture(scope="module")
-def api(
+@pytest.fixture(scope="module", name="api")
+def api_fixture(
     hsm: Hsm, hsm_token: HsmToken, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
     """One app per test module: fresh SQLite database, CA in the shared SoftHSM2 token."""

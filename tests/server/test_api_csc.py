@@ -13,14 +13,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from apikit import PASSWORD, Api, Enrolled, api, b64  # noqa: F401
+from apikit import PASSWORD, Api, Enrolled, api_fixture, b64  # noqa: F401
 from asn1crypto import algos
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from hsm_fixtures import hsm, hsm_token  # noqa: F401
 from sqlalchemy import update
 
 from server.app import create_app

@@ -1,0 +1,339 @@
+"""The PIV operations under ``/api/v1`` from the relay's and an attacker's side: rule 3's block
+checks on raw RSA, decryption and ECDH only with the 9D key, the per-session PIN policy
+(9A/9D once, 9C before each use, 9E never), server-side PIN counters, the second factor, and
+an audit record for every key use.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+
+import pytest
+from apikit import PASSWORD, Api, Enrolled, api_fixture, b64  # noqa: F401
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def result(resp: object) -> bytes:
+    assert resp.status_code == 200, resp.text  # type: ignore[attr-defined]
+    return base64.b64decode(resp.json()["result"], validate=True)  # type: ignore[attr-defined]
+
+
+def error(resp: object, status: int, code: str) -> None:
+    assert resp.status_code == status, resp.text  # type: ignore[attr-defined]
+    assert resp.json()["error"] == code, resp.text  # type: ignore[attr-defined]
+
+
+def certs(api: Api, user: Enrolled) -> dict[str, x509.Certificate]:
+    r = api.client.get("/api/v1/credentials", headers=user.headers)
+    assert r.status_code == 200, r.text
+    return {c["slot"]: x509.load_pem_x509_certificate(c["certificate"].encode()) for c in r.json()}
+
+
+def op(api: Api, user: Enrolled, slot: str, name: str, field: str, data: bytes) -> object:
+    return api.client.post(
+        f"/api/v1/credentials/{user.credentials[slot]}/{name}",
+        json={field: b64(data)},
+        headers=user.headers,
+    )
+
+
+def pkcs1_block(message: bytes, k: int = 256) -> bytes:
+    t = DIGEST_INFO_SHA256 + hashlib.sha256(message).digest()
+    return b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+
+
+def type2_block(k: int = 256) -> bytes:
+    ps = bytes(b % 255 + 1 for b in os.urandom(k - 3 - 16))
+    return b"\x00\x02" + ps + b"\x00" + os.urandom(16)
+
+
+def pss_block(message: bytes, k: int = 256) -> bytes:
+    """A genuine EMSA-PSS encoding (salt = hLen): sign with a throwaway key of the same size
+    and undo the RSA operation with its public key."""
+    key = rsa.generate_private_key(65537, k * 8)
+    sig = key.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    n, e = key.public_key().public_numbers().n, key.public_key().public_numbers().e
+    return pow(int.from_bytes(sig, "big"), e, n).to_bytes(k, "big")
+
+
+@pytest.fixture(scope="module")
+def rsa_user(api: Api) -> Enrolled:
+    user = api.user(alg="rsa2048", prefix="piv-rsa")
+    api.login(user)
+    return user
+
+
+@pytest.fixture(scope="module")
+def ec_user(api: Api) -> Enrolled:
+    user = api.user(alg="p256", prefix="piv-ec")
+    api.login(user)
+    return user
+
+
+# --- rule 3: raw RSA -----------------------------------------------------------------------
+
+
+def test_raw_rsa_accepts_pkcs1_v15_and_pss_blocks(api: Api, rsa_user: Enrolled) -> None:
+    assert api.verify_pin(rsa_user).status_code == 200
+    public = certs(api, rsa_user)["9a"].public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    sig = result(op(api, rsa_user, "9a", "rsa-raw", "block", pkcs1_block(b"hello")))
+    public.verify(sig, b"hello", padding.PKCS1v15(), hashes.SHA256())
+    sig = result(op(api, rsa_user, "9a", "rsa-raw", "block", pss_block(b"pss")))
+    public.verify(sig, b"pss", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(os.urandom(256), id="random"),
+        pytest.param(b"\x00" + os.urandom(255), id="random-below-modulus"),
+        pytest.param(type2_block(), id="type-2"),
+        pytest.param(pkcs1_block(b"short", 128), id="wrong-length"),
+        pytest.param(b"\x00\x01" + b"\xff" * 221 + b"\x00" + b"\x55" * 32, id="no-digestinfo"),
+        pytest.param(
+            b"\x00\x01" + b"\xff" * 218 + b"\x00"
+            + bytes.fromhex("3021300906052b0e03021a05000414") + b"\x00" * 20,
+            id="sha1",
+        ),
+    ],
+)
+def test_raw_rsa_refuses_anything_else(api: Api, rsa_user: Enrolled, block: bytes) -> None:
+    assert api.verify_pin(rsa_user).status_code == 200
+    error(op(api, rsa_user, "9a", "rsa-raw", "block", block), 400, "invalid_padding")
+    error(op(api, rsa_user, "9c", "rsa-raw", "block", block), 400, "invalid_padding")
+
+
+def test_decryption_only_with_the_9d_key(api: Api, rsa_user: Enrolled) -> None:
+    assert api.verify_pin(rsa_user).status_code == 200
+    keys = certs(api, rsa_user)
+    for slot in ("9a", "9e"):
+        public = keys[slot].public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        ciphertext = public.encrypt(b"secret", padding.PKCS1v15())
+        error(op(api, rsa_user, slot, "decrypt", "block", ciphertext), 403, "forbidden")
+    public = keys["9d"].public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    ciphertext = public.encrypt(b"session key", padding.PKCS1v15())
+    block = result(op(api, rsa_user, "9d", "decrypt", "block", ciphertext))
+    assert block[:2] == b"\x00\x02" and block.endswith(b"\x00session key") and len(block) == 256
+    # The 9D key signs nothing, and a ciphertext that does not decrypt to type 2 is refused
+    # (it would make 9D a raw signing oracle).
+    error(op(api, rsa_user, "9d", "rsa-raw", "block", pkcs1_block(b"x")), 403, "forbidden")
+    error(op(api, rsa_user, "9d", "decrypt", "block", pkcs1_block(b"x")), 400, "invalid_padding")
+
+
+# --- EC and EdDSA --------------------------------------------------------------------------
+
+
+def test_ecdsa_and_ecdh(api: Api, ec_user: Enrolled) -> None:
+    assert api.verify_pin(ec_user).status_code == 200
+    keys = certs(api, ec_user)
+    digest = hashlib.sha256(b"ecdsa").digest()
+    sig = result(op(api, ec_user, "9a", "ecdsa", "digest", digest))
+    public = keys["9a"].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    error(op(api, ec_user, "9a", "ecdsa", "digest", digest[:20]), 400, "invalid_request")
+    error(op(api, ec_user, "9a", "rsa-raw", "block", pkcs1_block(b"x")), 400, "invalid_request")
+
+    peer = ec.generate_private_key(ec.SECP256R1())
+    point = peer.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    card_public = keys["9d"].public_key()
+    assert isinstance(card_public, ec.EllipticCurvePublicKey)
+    shared = result(op(api, ec_user, "9d", "ecdh", "peer_point", point))
+    assert shared == peer.exchange(ec.ECDH(), card_public)
+    error(op(api, ec_user, "9a", "ecdh", "peer_point", point), 403, "forbidden")
+    error(op(api, ec_user, "9d", "ecdh", "peer_point", b"\x04" + b"\x01" * 64), 400,
+          "invalid_request")
+
+
+def test_eddsa(api: Api) -> None:
+    user = api.user(alg="ed25519")
+    api.login(user)
+    assert api.verify_pin(user).status_code == 200
+    sig = result(op(api, user, "9a", "eddsa", "message", b"ssh session data"))
+    public = certs(api, user)["9a"].public_key()
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    public.verify(sig, b"ssh session data")
+
+
+# --- PIN policy and state ------------------------------------------------------------------
+
+
+def test_pin_policy_per_slot(api: Api) -> None:
+    user = api.user(alg="p256")
+    api.login(user)
+    digest = hashlib.sha256(b"policy").digest()
+    # 9E (card authentication) never needs the PIN.
+    result(op(api, user, "9e", "ecdsa", "digest", digest))
+    # 9A needs it once per session.
+    error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
+    status = api.client.get("/api/v1/pin/status", headers=user.headers).json()
+    assert status["verified"] is False and status["pin_retries"] == 3
+    assert api.verify_pin(user).json()["verified"] is True
+    for _ in range(3):
+        result(op(api, user, "9a", "ecdsa", "digest", digest))
+    # 9C (PIN always) needs a verification right before each signature.
+    result(op(api, user, "9c", "ecdsa", "digest", digest))
+    error(op(api, user, "9c", "ecdsa", "digest", digest), 403, "pin_required")
+    api.verify_pin(user)
+    result(op(api, user, "9c", "ecdsa", "digest", digest))
+    # A wrong PIN clears the session's verification (a card's security status).
+    error(api.verify_pin(user, "000000"), 400, "invalid_pin")
+    error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
+    api.verify_pin(user)
+    r = api.client.post("/api/v1/pin/reset", headers=user.headers)
+    assert r.status_code == 204
+    error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
+
+
+def test_pin_state_belongs_to_one_session(api: Api) -> None:
+    user = api.user(alg="p256")
+    first = api.login(user)
+    api.verify_pin(user)
+    second = api.login(user)
+    digest = hashlib.sha256(b"session").digest()
+    r = api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                        json={"digest": b64(digest)}, headers=second)
+    error(r, 403, "pin_required")
+    r = api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                        json={"digest": b64(digest)}, headers=first)
+    assert r.status_code == 200, r.text
+
+
+def test_pin_counters_block_and_the_puk_unblocks(api: Api) -> None:
+    user = api.user(alg="p256")
+    api.login(user)
+    for left in (2, 1, 0):
+        r = api.verify_pin(user, "111111")
+        error(r, 400, "invalid_pin")
+        assert f"{left} tries left" in r.json()["error_description"]
+    error(api.verify_pin(user), 403, "pin_blocked")
+    digest = hashlib.sha256(b"blocked").digest()
+    error(op(api, user, "9e", "ecdsa", "digest", digest), 403, "pin_blocked")
+    status = api.client.get("/api/v1/pin/status", headers=user.headers).json()
+    assert status["pin_blocked"] is True and status["puk_retries"] == 3
+    r = api.client.post("/api/v1/pin/unblock", json={"puk": "00000000", "new_pin": "24682468"},
+                        headers=user.headers)
+    error(r, 400, "invalid_puk")
+    r = api.client.post("/api/v1/pin/unblock", json={"puk": user.puk, "new_pin": "24682468"},
+                        headers=user.headers)
+    assert r.status_code == 204, r.text
+    assert api.verify_pin(user, "24682468").status_code == 200
+    r = api.client.post("/api/v1/pin/change", json={"pin": "24682468", "new_pin": "13571357"},
+                        headers=user.headers)
+    assert r.status_code == 204, r.text
+    error(api.verify_pin(user, "24682468"), 400, "invalid_pin")
+    assert api.verify_pin(user, "13571357").status_code == 200
+
+
+def test_piv_operations_need_the_second_factor_and_ownership(
+    api: Api, ec_user: Enrolled
+) -> None:
+    digest = hashlib.sha256(b"owner").digest()
+    # A CSC login (password only) opens no PIV session.
+    csc = api.csc_login(ec_user)
+    r = api.client.post("/api/v1/pin/verify", json={"pin": ec_user.pin}, headers=csc)
+    error(r, 403, "forbidden")
+    r = api.client.post(f"/api/v1/credentials/{ec_user.credentials['9e']}/ecdsa",
+                        json={"digest": b64(digest)}, headers=csc)
+    error(r, 403, "forbidden")
+    # Another user cannot use ec_user's keys, even with a verified PIN of their own.
+    other = api.user(alg="p256")
+    api.login(other)
+    api.verify_pin(other)
+    r = api.client.post(f"/api/v1/credentials/{ec_user.credentials['9e']}/ecdsa",
+                        json={"digest": b64(digest)}, headers=other.headers)
+    error(r, 404, "not_found")
+    # The admin token is not a user.
+    r = api.client.post(f"/api/v1/credentials/{ec_user.credentials['9e']}/ecdsa",
+                        json={"digest": b64(digest)}, headers=api.admin)
+    error(r, 403, "forbidden")
+    error(api.client.get("/api/v1/pin/status"), 401, "unauthorized")
+
+
+def test_logout_ends_the_session_and_refresh_rotates(api: Api) -> None:
+    user = api.user(alg="p256")
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": user.name, "password": PASSWORD, "otp": user.otp()})
+    tokens = r.json()
+    h = {"Authorization": f"Bearer {tokens['access_token']}"}
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 200, r.text
+    rotated = r.json()
+    error(api.client.get("/api/v1/pin/status", headers=h), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    error(r, 401, "unauthorized")
+    h = {"Authorization": f"Bearer {rotated['access_token']}"}
+    assert api.client.post("/api/v1/auth/logout", headers=h).status_code == 204
+    error(api.client.get("/api/v1/pin/status", headers=h), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]})
+    error(r, 401, "unauthorized")
+
+
+def test_login_needs_password_and_fresh_otp(api: Api) -> None:
+    user = api.user(alg="p256")
+    code = user.otp()
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": user.name, "password": "wrong password", "otp": code})
+    error(r, 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": user.name, "password": PASSWORD, "otp": "000000"})
+    error(r, 400, "invalid_otp")
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": user.name, "password": PASSWORD, "otp": code})
+    assert r.status_code == 200, r.text
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": user.name, "password": PASSWORD, "otp": code})
+    error(r, 400, "invalid_otp")  # a time step is accepted once
+
+
+def test_every_key_use_is_audited(api: Api) -> None:
+    user = api.user(alg="rsa2048")
+    api.login(user)
+    api.verify_pin(user)
+    result(op(api, user, "9a", "rsa-raw", "block", pkcs1_block(b"audited")))
+    public = certs(api, user)["9d"].public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    result(op(api, user, "9d", "decrypt", "block", public.encrypt(b"k", padding.PKCS1v15())))
+    r = api.client.get("/api/v1/admin/audit/export", headers=api.admin)
+    assert r.status_code == 200
+    mine = [rec for rec in r.json() if rec["actor"] == f"user:{user.name}"]
+    events = [(rec["event"], rec["subject"]) for rec in mine]
+    assert ("pin.verify.ok", f"user:{user.name}") in events
+    assert ("sign", f"credential:{user.credentials['9a']}") in events
+    assert ("decrypt", f"credential:{user.credentials['9d']}") in events
+    sign_rec = next(rec for rec in mine if rec["event"] == "sign")
+    assert sign_rec["details"] == {"slot": "9a", "op": "rsa-raw", "scheme": "pkcs1v15",
+                                   "hash": "sha256"}
+    assert user.pin not in json.dumps(r.json())
+
+
+def test_device_enrollment_redeems_a_code_once(api: Api) -> None:
+    name = "device-user"
+    assert api.client.post("/api/v1/admin/users", json={"name": name, "password": PASSWORD},
+                           headers=api.admin).status_code == 201
+    code = api.client.post(f"/api/v1/admin/users/{name}/enroll", json={"alg": "p256"},
+                           headers=api.admin).json()["enrollment_code"]
+    device = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    r = api.client.post("/api/v1/devices/enroll", json={"code": code, "device_public_key": device})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user"] == name
+    assert {c["slot"] for c in body["credentials"]} == {"9a", "9c", "9d", "9e"}
+    assert body["ca_certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    r = api.client.post("/api/v1/devices/enroll", json={"code": code, "device_public_key": device})
+    assert r.status_code in (400, 409), r.text
