@@ -1,0 +1,126 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SAD rules (DESIGN.md rule 4; CSC v2 §9): bound, counted, pinned, expiring, spent once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from conftest import MakeUser
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from server.config import Policy
+from server.errors import InvalidRequest, SadInvalid
+from server.models import Credential, Sad, User, utcnow
+from server.services import sad
+
+H1, H2, H3 = (bytes([i]) * 32 for i in (1, 2, 3))
+SHA256 = "2.16.840.1.101.3.4.2.1"
+
+
+@pytest.fixture
+def owner(session: Session, make_user: MakeUser) -> tuple[User, str]:
+    user = make_user()
+    session.add(Credential(id="c1", user_id=user.id, slot="9c", alg="p256", key_id="01"))
+    session.commit()
+    return user, "c1"
+
+
+def grant(session: Session, owner: tuple[User, str], n: int = 1, **kw: object) -> str:
+    user, cred = owner
+    return sad.authorize(
+        session,
+        Policy(),
+        user_id=user.id,
+        credential_id=cred,
+        num_signatures=n,
+        **kw,  # type: ignore[arg-type]
+    ).sad
+
+
+def spend(
+    session: Session, owner: tuple[User, str], value: str, *hashes: bytes, **kw: object
+) -> None:
+    user, cred = owner
+    sad.spend(session, value, user_id=user.id, credential_id=cred, hashes=list(hashes), **kw)  # type: ignore[arg-type]
+
+
+def test_replay_is_refused(session: Session, owner: tuple[User, str]) -> None:
+    value = grant(session, owner, hashes=[H1], hash_oid=SHA256)
+    spend(session, owner, value, H1)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, value, H1)
+
+
+def test_another_user_or_credential_cannot_spend_it(
+    session: Session, owner: tuple[User, str], make_user: MakeUser
+) -> None:
+    value = grant(session, owner)
+    mallory = make_user("mallory")
+    with pytest.raises(SadInvalid):
+        sad.spend(session, value, user_id=mallory.id, credential_id="c1", hashes=[H1])
+    session.add(Credential(id="c2", user_id=owner[0].id, slot="9a", alg="p256", key_id="02"))
+    session.commit()
+    with pytest.raises(SadInvalid):
+        sad.spend(session, value, user_id=owner[0].id, credential_id="c2", hashes=[H1])
+    spend(session, owner, value, H1)  # still intact for its owner
+
+
+def test_pinned_hashes_are_consumed_one_by_one(session: Session, owner: tuple[User, str]) -> None:
+    value = grant(session, owner, 2, hashes=[H1, H2])
+    with pytest.raises(SadInvalid, match="not authorized"):
+        spend(session, owner, value, H3)
+    spend(session, owner, value, H1)
+    with pytest.raises(SadInvalid):  # H1 was consumed, even though one signature is left
+        spend(session, owner, value, H1)
+    spend(session, owner, value, H2)
+
+
+def test_count_without_pinning(session: Session, owner: tuple[User, str]) -> None:
+    value = grant(session, owner, 2)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, value, H1, H2, H3)
+    spend(session, owner, value, H1, H2)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, value, H3)
+
+
+def test_expiry(session: Session, owner: tuple[User, str]) -> None:
+    value = grant(session, owner)
+    session.execute(update(Sad).values(expires_at=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    with pytest.raises(SadInvalid, match="expired"):
+        spend(session, owner, value, H1)
+
+
+def test_hash_algorithm_must_match_the_pinned_one(
+    session: Session, owner: tuple[User, str]
+) -> None:
+    value = grant(session, owner, hashes=[H1], hash_oid=SHA256)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, value, H1, hash_oid="2.16.840.1.101.3.4.2.2")
+
+
+@pytest.mark.parametrize(("n", "hashes"), [(0, None), (17, None), (1, [H1, H2]), (1, [])])
+def test_bad_authorize_requests(
+    session: Session, owner: tuple[User, str], n: int, hashes: list[bytes] | None
+) -> None:
+    with pytest.raises(InvalidRequest):
+        grant(session, owner, n, hashes=hashes)
+
+
+def test_extend_moves_the_budget(session: Session, owner: tuple[User, str]) -> None:
+    user, cred = owner
+    old = grant(session, owner, 3)
+    spend(session, owner, old, H1)
+    new = sad.extend(session, Policy(), old, user_id=user.id, credential_id=cred, hashes=[H2])
+    with pytest.raises(SadInvalid):
+        spend(session, owner, old, H2)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, new.sad, H3)  # pinned to H2 now
+    spend(session, owner, new.sad, H2)
+    with pytest.raises(InvalidRequest):
+        sad.extend(
+            session, Policy(), new.sad, user_id=user.id, credential_id=cred, hashes=[H1, H2, H3]
+        )
