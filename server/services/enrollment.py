@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
@@ -184,7 +185,8 @@ def make_csr(session: Session, hsm: Hsm, name: str, slot: str, *, actor: str = "
     """A PEM CSR for the user's key in ``slot``, signed in the HSM (for an external CA)."""
     user = users.get_user(session, name)
     cred = credentials.get_by_slot(session, user, _slot(slot))
-    csr = ca.build_csr(hsm, credentials.key_ref(cred), name)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    csr = ca.build_csr(hsm, credentials.key_ref(cred), subject)
     audit.append(session, actor=actor, event=audit.Event.CERT_CSR, subject=f"credential:{cred.id}")
     session.commit()
     pem: bytes = csr.public_bytes(serialization.Encoding.PEM)
