@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``server init``'s data directory: layout, modes, and re-running destroys nothing.
+
+SoftHSM2 reads SOFTHSM2_CONF once per process, so each init runs in a fresh interpreter (as
+the CLI does) instead of inside the test process, which already uses the shared test token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from server.config import Settings
+from server.db import make_engine, session_factory
+from server.services import audit, tokens
+
+SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
+
+
+def init(data: Path, *args: str) -> None:
+    code = (
+        "import sys; from server.datadir import init_data_dir; "
+        f"init_data_dir(sys.argv[1]{''.join(', ' + a for a in args)})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def snapshot(data: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data.rglob("*"))
+        if p.is_file()
+        and p.suffix not in (".db-wal", ".db-shm")
+        and "tokens" not in p.parts
+        and p.name != "cardbridge.db"
+    }
+
+
+@pytest.mark.hsm
+def test_init_creates_everything_once(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    init(data)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "tls").stat().st_mode) == 0o700
+    for rel in SECRETS:
+        assert stat.S_IMODE((data / rel).stat().st_mode) == 0o600, rel
+    for rel in ("cardbridge.db", "softhsm2.conf", "ca.pem", "tls/server.pem"):
+        assert (data / rel).is_file(), rel
+    assert any((data / "tokens").iterdir())
+
+    settings = Settings.load(data)
+    assert settings.db_url == f"sqlite:///{data.resolve() / 'cardbridge.db'}"
+    assert settings.ca_key_id and settings.ca_key_alg == "p256"
+    ca_cert = x509.load_pem_x509_certificate((data / "ca.pem").read_bytes())
+    tls = x509.load_pem_x509_certificate((data / "tls/server.pem").read_bytes())
+    tls.verify_directly_issued_by(ca_cert)
+    san = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+
+    engine = make_engine(settings.db_url)
+    try:
+        with session_factory(engine)() as s:
+            token = (data / "admin-token").read_text().strip()
+            assert tokens.authenticate(s, token).kind == "admin"
+            assert audit.verify(s) is None
+            records = list(audit.export(s))
+            assert token not in str(records)
+    finally:
+        engine.dispose()
+
+    before = snapshot(data)
+    init(data)  # re-run: nothing is replaced
+    assert snapshot(data) == before
+
+    (data / "admin-token").unlink()  # a lost piece is recreated, the rest kept
+    (data / "tls" / "server.pem").unlink()
+    init(data)
+    after = snapshot(data)
+    assert after["ca.pem"] == before["ca.pem"] and after["hsm-pin"] == before["hsm-pin"]
+    assert after["admin-token"] != before["admin-token"]
+    assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
