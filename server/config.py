@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Server settings: where the data directory's pieces are and the security policy.
 
 ``cardbridge server init --data DIR`` writes ``DIR/server.json``; every other command reads it

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``cardbridge server init``: create (or complete) a data directory without destroying anything.
 
 Layout of DIR (dirs 0700, secrets 0600)::

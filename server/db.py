@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Database engine, sessions and migrations (SQLAlchemy 2 + Alembic).
 
 SQLite (the data directory's default) and PostgreSQL (several server nodes) are both supported;

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """SQLAlchemy 2 models of the server's state.
 
 Secrets are never stored in clear: passwords, PINs and PUKs as argon2id hashes, tokens, SADs

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Alembic environment: runs the packaged migrations against the URL ``server.db`` passes."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Services: the server's rules over its state, with no HTTP in sight.
 
 Each function takes a SQLAlchemy ``Session`` (and an ``Hsm`` where keys are involved), does one

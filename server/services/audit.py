@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Hash-chained, append-only audit log (DESIGN.md rule 7).
 
 Each record is ``(seq, time, actor, event, subject, details, prev_hash, hash)`` with

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A user's credentials (one HSM key per PIV slot) and the checks before any key use (rule 2)."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Devices: a workstation redeems a one-time enrollment code with its device public key."""
 
 from __future__ import annotations

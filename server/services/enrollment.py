@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Enrollment: a user's PIV keys generated in the HSM, their certificates, PIN, PUK, TOTP and a
 one-time enrollment code; revocation; CSR and certificate import for an external CA.
 

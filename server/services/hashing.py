@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """One place for how secrets are stored (DESIGN.md rule 5).
 
 Low-entropy secrets people choose or type (passwords, PINs, PUKs) get argon2id; high-entropy

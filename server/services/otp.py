@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """TOTP second factor (RFC 6238 via pyotp) with replay and rate limits (DESIGN.md rule 6).
 
 Each attempt first *reserves* a failure in one guarded ``UPDATE`` (refused once

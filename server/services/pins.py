@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Server-side PIN and PUK (DESIGN.md rules 2 and 5; SP 800-73-4 Pt 2 §3.2 VERIFY/RESET RETRY).
 
 Every attempt first *spends* a try in one guarded ``UPDATE ... WHERE retries > 0`` (a row lock

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Signature activation data (DESIGN.md rule 4; CSC v2 §9, §11.6, §11.9, §11.10).
 
 A SAD is an opaque 256-bit random value; the server keeps its SHA-256 with the user, the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Opaque bearer tokens: user access/refresh tokens and the admin token.
 
 Tokens are 256-bit random strings; only their SHA-256 is stored. A refresh token is rotated on

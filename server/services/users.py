@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The built-in user store: add, list, disable, password check (argon2id, rule 5)."""
 
 from __future__ import annotations

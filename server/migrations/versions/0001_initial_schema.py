@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Initial schema: users with PIN/PUK/TOTP state, credentials, tokens, SADs, enrollment
 codes, devices and the hash-chained audit log with its head row.
 
