@@ -116,7 +116,3 @@ class Settings(BaseModel):
     def hsm_pin(self) -> str:
         """The HSM user PIN, read from :attr:`hsm_pin_file`."""
         return self.hsm_pin_file.read_text(encoding="utf-8").strip()
-
-    def admin_url(self) -> str:
-        """The local server's base URL (``https://`` + :attr:`bind`)."""
-        return f"https://{self.bind}"

@@ -86,13 +86,6 @@ def record_hash(
     return hashlib.sha256(canonical(fields)).hexdigest()
 
 
-def ensure_head(session: Session) -> None:
-    """Create the chain's head row if missing (migrations do this; kept for empty schemas)."""
-    if session.get(AuditHead, HEAD_ID) is None:
-        session.add(AuditHead(id=HEAD_ID, last_seq=0, last_hash=GENESIS_HASH))
-        session.flush()
-
-
 def append(
     session: Session,
     *,
