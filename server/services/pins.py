@@ -6,8 +6,8 @@ on PostgreSQL, the write lock on SQLite, held until commit), then checks the arg
 correct value restores the counter. Concurrent wrong PINs therefore each cost one try, and no
 number of parallel guesses gets more tries than the counter allows. Counters live in the
 database, so they survive restarts. The counters are only ever changed by SQL, never through
-the ORM object (a stale attribute flushed later would undo a concurrent decrement); read them
-with :func:`status`.
+the ORM object (a stale attribute flushed later would undo a concurrent decrement); the
+object is then brought up to date without being marked dirty (:func:`_mirror`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from server.config import Policy
 from server.errors import Forbidden, InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
@@ -86,6 +87,28 @@ def _spend_try(
     return None if row is None else (int(row[0]), str(row[1]))
 
 
+def _mirror(user: User, **values: object) -> None:
+    """Show committed values on ``user`` without giving the ORM anything to flush."""
+    for name, value in values.items():
+        set_committed_value(user, name, value)
+
+
+def _set_pin(session: Session, user: User, pin: str, policy: Policy) -> None:
+    """Store a new PIN and reset both counters (caller audits and commits)."""
+    values = {
+        "pin_hash": hash_secret(pin),
+        "pin_retries": policy.pin_tries,
+        "puk_retries": policy.puk_tries,
+    }
+    session.execute(
+        update(User)
+        .where(User.id == user.id)
+        .values(values)
+        .execution_options(synchronize_session=False)
+    )
+    _mirror(user, **values)
+
+
 def _require_pin_set(user: User) -> None:
     if user.pin_hash is None:
         raise Forbidden(f"user {user.name!r} has no PIN (not enrolled)")
@@ -111,6 +134,7 @@ def verify(
             details={"blocked": True},
         )
         session.commit()
+        _mirror(user, pin_retries=0)
         raise PinBlocked("PIN blocked")
     left, stored = spent
     if verify_secret(stored, pin):
@@ -122,6 +146,7 @@ def verify(
         )
         audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=f"user:{user.name}")
         session.commit()
+        _mirror(user, pin_retries=policy.pin_tries)
         return
     audit.append(
         session,
@@ -131,6 +156,7 @@ def verify(
         details={"retries": left},
     )
     session.commit()
+    _mirror(user, pin_retries=left)
     raise PinIncorrect(left)
 
 
@@ -138,12 +164,7 @@ def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Pol
     """Change the PIN after checking the old one (CHANGE REFERENCE DATA)."""
     validate_pin(new_pin)
     verify(session, user, old_pin, policy)
-    session.execute(
-        update(User)
-        .where(User.id == user.id)
-        .values(pin_hash=hash_secret(new_pin))
-        .execution_options(synchronize_session=False)
-    )
+    _set_pin(session, user, new_pin, policy)
     audit.append(
         session,
         actor=f"user:{user.name}",
@@ -172,6 +193,7 @@ def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy
             details={"blocked": True},
         )
         session.commit()
+        _mirror(user, puk_retries=0)
         raise PinBlocked("PUK blocked")
     left, stored = spent
     if not verify_secret(stored, puk):
@@ -183,17 +205,9 @@ def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy
             details={"retries": left},
         )
         session.commit()
+        _mirror(user, puk_retries=left)
         raise PukIncorrect(left)
-    session.execute(
-        update(User)
-        .where(User.id == user.id)
-        .values(
-            pin_hash=hash_secret(new_pin),
-            pin_retries=policy.pin_tries,
-            puk_retries=policy.puk_tries,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _set_pin(session, user, new_pin, policy)
     audit.append(session, actor=actor, event=audit.Event.PIN_UNBLOCK, subject=subject)
     session.commit()
 
@@ -209,14 +223,7 @@ def admin_unblock(
     """Set a new PIN (random 6 digits unless given) and reset both counters; returns the PIN."""
     _require_pin_set(user)
     pin = validate_pin(new_pin) if new_pin is not None else random_digits(PIN_MIN)
-    session.execute(
-        update(User)
-        .where(User.id == user.id)
-        .values(
-            pin_hash=hash_secret(pin), pin_retries=policy.pin_tries, puk_retries=policy.puk_tries
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _set_pin(session, user, pin, policy)
     audit.append(session, actor=actor, event=audit.Event.ADMIN_UNBLOCK, subject=f"user:{user.name}")
     session.commit()
     return pin

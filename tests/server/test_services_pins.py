@@ -117,3 +117,18 @@ def test_pin_events_are_audited_without_the_pin(
     dump = str(list(audit.export(session)))
     assert "987654" not in dump and PIN not in dump and PUK not in dump
     assert audit.verify(session) is None
+
+
+def test_the_user_object_shows_the_counters_without_flushing_them(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    with pytest.raises(PinIncorrect):
+        pins.verify(session, user, "000000", policy)
+    assert user.pin_retries == 2 and user not in session.dirty
+    for _ in range(2):
+        with pytest.raises(PinIncorrect):
+            pins.verify(session, user, "000000", policy)
+    assert user.pin_retries == 0
+    pins.unblock(session, user, PUK, "654321", policy)
+    assert (user.pin_retries, user.puk_retries) == (3, 3) and user not in session.dirty
