@@ -4,8 +4,9 @@
 python-pkcs11 calls ``C_Initialize(NULL)``, so the module may do no locking of its own
 (SoftHSM2 then disables its mutexes) and the GIL is released during each call. Every call
 into a module therefore goes through one process-wide lock per module, on one logged-in
-session per (module, token) that all :class:`Hsm` handles of the process share. Measured on
-SoftHSM2 a session pool gains nothing, since the module must be serialised anyway.
+session per (module, token) that all :class:`Hsm` handles of the process share. A session
+pool cannot help: measured here, two threads signing on two sessions of SoftHSM2 without the
+lock fail with CKR_GENERAL_ERROR.
 
 This module is the one place where ``PKCS11Error`` becomes a :mod:`server.errors` error.
 """
@@ -87,6 +88,49 @@ def _translated() -> Iterator[None]:
         raise _translate(e) from e
 
 
+# Errors after which the session is gone (network HSM restarted, session closed, logged out).
+_SESSION_LOST: Final[tuple[type[p11e.PKCS11Error], ...]] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.UserNotLoggedIn,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+)
+
+
+class _SharedSession:
+    """The logged-in session of one (module, token) in this process, and its lock.
+
+    When an operation reports that the session was lost, the session is marked stale and
+    the next operation logs in again on a new one (the failed operation is not retried).
+    """
+
+    def __init__(self, token: Any, pin: str, lock: threading.Lock) -> None:
+        self.token = token
+        self.pin = pin
+        self.pin_digest = _pin_digest(pin)
+        self.lock = lock
+        self.session = token.open(rw=True, user_pin=pin)
+        self.stale = False
+        self.users = 0
+        self.private: dict[str, Any] = {}
+        self.public: dict[str, PublicKey] = {}
+
+    def reopen(self) -> None:
+        """Log in on a fresh session; call with the lock held."""
+        try:
+            self.session.close()
+        except p11e.PKCS11Error:
+            log.debug("closing the lost HSM session failed", exc_info=True)
+        self.private.clear()
+        try:
+            self.session = self.token.open(rw=True, user_pin=self.pin)
+        except p11e.UserAlreadyLoggedIn:
+            self.session = self.token.open(rw=True)
+        self.stale = False
+        log.warning("the HSM session was lost; logged in again")
+
+
 class _Guard:
     """Holds the module lock around one use of the shared session; translates errors.
 
@@ -99,26 +143,22 @@ class _Guard:
         self._shared = shared
 
     def __enter__(self) -> Any:
-        self._shared.lock.acquire()
-        return self._shared.session
+        shared = self._shared
+        shared.lock.acquire()
+        if shared.stale:
+            try:
+                shared.reopen()
+            except p11e.PKCS11Error as e:
+                shared.lock.release()
+                raise _translate(e) from e
+        return shared.session
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, _SESSION_LOST):
+            self._shared.stale = True
         self._shared.lock.release()
         if isinstance(exc, p11e.PKCS11Error):
             raise _translate(exc) from exc
-
-
-class _SharedSession:
-    """The logged-in session of one (module, token) in this process, and its lock."""
-
-    def __init__(self, lib: Any, session: Any, pin_digest: bytes, lock: threading.Lock) -> None:
-        self.lib = lib
-        self.session = session
-        self.pin_digest = pin_digest
-        self.lock = lock
-        self.users = 0
-        self.private: dict[str, Any] = {}
-        self.public: dict[str, PublicKey] = {}
 
 
 _registry_lock = threading.Lock()
@@ -166,8 +206,7 @@ class Hsm:
                 with lock:
                     lib = pkcs11.lib(module_path)
                     token = cls._find_token(lib, module_path, conf, token_label)
-                    session = token.open(rw=True, user_pin=pin)
-                shared = _SharedSession(lib, session, _pin_digest(pin), lock)
+                    shared = _SharedSession(token, pin, lock)
                 _sessions[key] = shared
             shared.users += 1
         return cls(shared, key)

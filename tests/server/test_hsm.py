@@ -290,3 +290,14 @@ def test_a_token_in_another_directory_is_never_opened_by_mistake(
     with pytest.raises(HsmError, match="SOFTHSM2_CONF changed"):
         Hsm.open(hsm_token.module, hsm_token.label, hsm_token.pin)
     assert len(list((tmp_path / "tokens").iterdir())) == 1
+
+
+def test_a_lost_session_is_replaced_on_the_next_operation(hsm: Hsm, p256_ref: KeyRef) -> None:
+    # Close the shared session behind the handle's back, as a restarted network HSM would.
+    hsm._shared.session.close()
+    with pytest.raises(HsmError, match="SessionHandleInvalid"):
+        hsm.sign_digest(p256_ref, bytes(32), "sha256")
+    sig = hsm.sign_digest(p256_ref, bytes(32), "sha256")
+    pub = hsm.public_key(p256_ref)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
