@@ -178,7 +178,7 @@ class VpcdLink:
             # pcscd sees the card removed; a later connection starts from a cold card.
             self.card.power_off()
 
-    def run(self, *, reconnect: bool = True) -> None:
+    def run(self) -> None:
         """Present the card until :meth:`stop` is called.
 
         The first connection must succeed (else :class:`VpcdUnreachable`). Afterwards a
@@ -193,7 +193,7 @@ class VpcdLink:
             except OSError as e:
                 if not self._stop.is_set():
                     logger.warning("vpcd connection lost: %s", e)
-            if self._stop.is_set() or not reconnect:
+            if self._stop.is_set():
                 return
             logger.info("vpcd closed the connection; reconnecting")
             while True:
