@@ -216,8 +216,3 @@ def _spki(key: CertificatePublicKeyTypes) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def cert_sha256(cert: x509.Certificate) -> str:
-    """Hex SHA-256 of a certificate's DER, as the relay pins the CA."""
-    return cert.fingerprint(hashes.SHA256()).hex()

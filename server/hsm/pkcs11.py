@@ -283,7 +283,7 @@ class Hsm:
             key_type, length, caps = KeyType.EC_EDWARDS, None, _SIGN
             public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(OID_ED25519)
         with self._session() as s:
-            if any(True for _ in s.get_objects({Attribute.LABEL: label})):
+            if list(s.get_objects({Attribute.LABEL: label})):
                 raise Conflict(f"An HSM key labelled {label!r} already exists")
             s.generate_keypair(
                 key_type,
@@ -297,20 +297,6 @@ class Hsm:
             )
         log.info("generated %s key %s", alg.value, key_id.hex())
         return KeyRef(key_id.hex(), alg)
-
-    def find_key(self, label: str) -> KeyRef | None:
-        """The key pair whose private half is labelled ``label``, or None."""
-        with self._session() as s:
-            found = list(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                        Attribute.LABEL: label}))
-            if not found:
-                return None
-            if len(found) > 1:
-                raise HsmError(f"Several HSM keys are labelled {label!r}")
-            priv = found[0]
-            key_id = priv[Attribute.ID]
-            pub = s.get_key(ObjectClass.PUBLIC_KEY, id=key_id)
-            return KeyRef(key_id.hex(), _alg_of(pub))
 
     def destroy_key(self, ref: KeyRef) -> None:
         """Delete both halves of a key pair from the token."""
@@ -388,9 +374,11 @@ class Hsm:
         if ref.alg.is_rsa:
             if pss_salt_len is None:
                 return self._rsa_sign(ref, hash_alg.digest_info(digest), Mechanism.RSA_PKCS, None)
+            if pss_salt_len < 0:
+                raise InvalidRequest("Invalid PSS salt length")
             hash_mech, mgf = _HASH_MECHS[hash_alg.name]
             return self._rsa_sign(
-                ref, digest, Mechanism.RSA_PKCS_PSS, (hash_mech, mgf, _salt(pss_salt_len))
+                ref, digest, Mechanism.RSA_PKCS_PSS, (hash_mech, mgf, pss_salt_len)
             )
         if pss_salt_len is not None:
             raise InvalidRequest("PSS needs an RSA key")
@@ -423,9 +411,11 @@ class Hsm:
         if curve is None:
             raise InvalidRequest("ECDH needs a P-256 or P-384 key")
         try:
+            if peer_point[:1] != b"\x04":
+                raise ValueError("not an uncompressed point")
             ec.EllipticCurvePublicKey.from_encoded_point(curve, peer_point)
         except ValueError:
-            raise InvalidRequest("The peer point is not on the key's curve") from None
+            raise InvalidRequest("The peer point is not an uncompressed curve point") from None
         size = (curve.key_size + 7) // 8
         template = {
             Attribute.SENSITIVE: False,
@@ -445,27 +435,16 @@ class Hsm:
             finally:
                 secret.destroy()
 
-    def random(self, n: int) -> bytes:
-        """``n`` random bytes from the HSM's generator."""
-        with self._session() as s:
-            return bytes(s.generate_random(n * 8))
 
-
-def _salt(length: int) -> int:
-    if length < 0:
-        raise InvalidRequest("Invalid PSS salt length")
-    return length
-
-
-def _unwrap_octet_string(der: bytes) -> bytes:
-    """CKA_EC_POINT is a DER OCTET STRING (PKCS#11 v2.40 §2.3.3); return its content."""
-    if len(der) >= 2 and der[0] == 0x04:
-        length = der[1]
-        if length < 0x80 and len(der) == 2 + length:
-            return der[2:]
-        if length == 0x81 and len(der) == 3 + der[2]:
-            return der[3:]
-    return der
+def _ec_point(value: bytes, raw_len: int) -> bytes:
+    """CKA_EC_POINT content: a DER OCTET STRING (PKCS#11 v2.40 §2.3.3), or the bare point
+    some modules return; told apart by the point's known length."""
+    if len(value) == raw_len:
+        return value
+    header = 2 if raw_len < 0x80 else 3
+    if len(value) == raw_len + header and value[0] == 0x04:
+        return value[header:]
+    raise HsmError("Malformed CKA_EC_POINT")
 
 
 _EC_PARAMS_TO_ALG: Final[dict[bytes, KeyAlg]] = {
@@ -480,9 +459,9 @@ def _public_from_object(pub: Any) -> PublicKey:
         n = int.from_bytes(pub[Attribute.MODULUS], "big")
         e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
         return rsa.RSAPublicNumbers(e, n).public_key()
-    point = _unwrap_octet_string(pub[Attribute.EC_POINT])
     if alg is KeyAlg.ED25519:
-        return ed25519.Ed25519PublicKey.from_public_bytes(point)
+        return ed25519.Ed25519PublicKey.from_public_bytes(_ec_point(pub[Attribute.EC_POINT], 32))
+    point = _ec_point(pub[Attribute.EC_POINT], 1 + 2 * ((alg.bits + 7) // 8))
     return ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[alg], point)
 
 
