@@ -31,7 +31,14 @@ from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from server.algorithms import KeyAlg, hash_by_name
-from server.errors import Conflict, HsmError, InvalidRequest, NotFound, ServerError
+from server.errors import (
+    Conflict,
+    Forbidden,
+    HsmError,
+    InvalidRequest,
+    NotFound,
+    ServerError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +267,12 @@ class Hsm:
 
     # -- keys -------------------------------------------------------------------------------
 
-    def generate_key(self, alg: KeyAlg, label: str) -> KeyRef:
+    def generate_key(self, alg: KeyAlg, label: str, *, sign_only: bool = False) -> KeyRef:
         """Generate a token key pair: private half sensitive, never extractable (rule 1).
 
-        ``label`` must be unique on the token; the CKA_ID is 16 random bytes.
+        ``label`` must be unique on the token; the CKA_ID is 16 random bytes. With
+        ``sign_only`` the private key gets neither CKA_DECRYPT nor CKA_DERIVE, so the HSM
+        itself refuses decryption and ECDH with it (for the PIV 9A, 9C and 9E keys).
         """
         alg = KeyAlg(alg)
         key_id = secrets.token_bytes(16)
@@ -275,9 +284,10 @@ class Hsm:
         public_template: dict[Attribute, Any] = {}
         if alg.is_rsa:
             key_type, length = KeyType.RSA, alg.bits
-            caps = _SIGN | MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT
+            caps = _SIGN if sign_only else _SIGN | MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT
         elif alg.curve_oid is not None:
-            key_type, length, caps = KeyType.EC, None, _SIGN | MechanismFlag.DERIVE
+            caps = _SIGN if sign_only else _SIGN | MechanismFlag.DERIVE
+            key_type, length = KeyType.EC, None
             public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(alg.curve_oid)
         else:
             key_type, length, caps = KeyType.EC_EDWARDS, None, _SIGN
@@ -343,7 +353,8 @@ class Hsm:
         """Raw RSA decryption (CKM_RSA_X_509 C_Decrypt); the result is left-padded to k bytes."""
         k = self._check_rsa_input(ref, block)
         with self._session() as s:
-            out = bytes(self._private(s, ref).decrypt(block, mechanism=Mechanism.RSA_X_509))
+            key = _capable(self._private(s, ref), "decrypt")
+            out = bytes(key.decrypt(block, mechanism=Mechanism.RSA_X_509))
         return out.rjust(k, b"\0")
 
     def _check_rsa_input(self, ref: KeyRef, block: bytes) -> int:
@@ -423,7 +434,7 @@ class Hsm:
             Attribute.TOKEN: False,
         }
         with self._session() as s:
-            secret = self._private(s, ref).derive_key(
+            secret = _capable(self._private(s, ref), "derive_key").derive_key(
                 KeyType.GENERIC_SECRET,
                 size * 8,
                 mechanism=Mechanism.ECDH1_DERIVE,
@@ -434,6 +445,13 @@ class Hsm:
                 return bytes(secret[Attribute.VALUE])
             finally:
                 secret.destroy()
+
+
+def _capable(key: Any, method: str) -> Any:
+    """``key`` if it has the capability (python-pkcs11 adds a mixin per CKA_DECRYPT etc.)."""
+    if not hasattr(key, method):
+        raise Forbidden("This key is a signing key; the HSM does not let it do that")
+    return key
 
 
 def _ec_point(value: bytes, raw_len: int) -> bytes:

@@ -18,7 +18,7 @@ from hsm_fixtures import HsmToken
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from server.errors import Conflict, HsmError, InvalidRequest, NotFound
+from server.errors import Conflict, Forbidden, HsmError, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyAlg, KeyRef
 from server.padding import check_decrypted_block
 
@@ -303,3 +303,22 @@ def test_a_lost_session_is_replaced_on_the_next_operation(hsm: Hsm, p256_ref: Ke
     pub = hsm.public_key(p256_ref)
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(sig, bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+@pytest.mark.parametrize("alg", [KeyAlg.RSA2048, KeyAlg.P256])
+def test_sign_only_keys_cannot_decrypt_or_derive(hsm: Hsm, alg: KeyAlg) -> None:
+    ref = hsm.generate_key(alg, _label("signonly"), sign_only=True)
+    pub = hsm.public_key(ref)
+    if isinstance(pub, rsa.RSAPublicKey):
+        with pytest.raises(Forbidden):
+            hsm.rsa_decrypt_raw(ref, pub.encrypt(b"k", padding.PKCS1v15()))
+        block = hsm.rsa_raw(ref, b"\x00\x01" + b"\xff" * 200 + b"\x00" + bytes(53))
+        assert len(block) == 256
+    else:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+        with pytest.raises(Forbidden):
+            hsm.ecdh(ref, peer.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint))
+        assert hsm.sign_digest(ref, bytes(32), "sha256")
+    hsm.destroy_key(ref)
