@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -322,3 +324,24 @@ def test_sign_only_keys_cannot_decrypt_or_derive(hsm: Hsm, alg: KeyAlg) -> None:
             hsm.ecdh(ref, peer.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint))
         assert hsm.sign_digest(ref, bytes(32), "sha256")
     hsm.destroy_key(ref)
+
+
+def test_keys_generated_by_another_process_are_usable(
+    hsm: Hsm, hsm_token: HsmToken
+) -> None:
+    """Server workers are separate processes sharing one token: one enrolls, another signs."""
+    code = (
+        "import sys; from server.hsm import Hsm, KeyAlg\n"
+        "h = Hsm.open(sys.argv[1], sys.argv[2], sys.stdin.read())\n"
+        "print(h.generate_key(KeyAlg.P256, sys.argv[3]).key_id)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, hsm_token.module, hsm_token.label, _label("other")],
+        input=hsm_token.pin, capture_output=True, text=True, check=True, timeout=60,
+        env={**os.environ, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]},
+    )
+    ref = KeyRef(out.stdout.strip(), KeyAlg.P256)
+    sig = hsm.sign_digest(ref, bytes(32), "sha256")
+    pub = hsm.public_key(ref)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, bytes(32), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
