@@ -58,9 +58,14 @@ def check_signing_block(block: bytes, modulus_len: int) -> SigningBlock:
     """
     if len(block) != modulus_len:
         raise PaddingRejected("The block must be exactly as long as the modulus")
+    looks_pss = block[-1] == 0xBC and block[0] & 0x80 == 0
     if block[:2] == b"\x00\x01":
-        return SigningBlock(Scheme.PKCS1V15, _check_pkcs1v15(block))
-    if block[-1] == 0xBC and block[0] & 0x80 == 0:
+        try:
+            return SigningBlock(Scheme.PKCS1V15, _check_pkcs1v15(block))
+        except PaddingRejected:
+            if not looks_pss:  # an EMSA-PSS block may start with 00 01 by chance
+                raise
+    if looks_pss:
         return SigningBlock(Scheme.PSS, _check_pss(block))
     raise PaddingRejected("The block is neither PKCS#1 v1.5 type 1 nor EMSA-PSS")
 

@@ -137,3 +137,27 @@ def test_decrypted_type2_block_yields_the_message() -> None:
 def test_refused_decrypted_blocks(block: bytes) -> None:
     with pytest.raises(PaddingRejected):
         check_decrypted_block(block)
+
+
+def _emsa_pss_encode(m_hash: bytes, salt: bytes) -> bytes:
+    """RFC 8017 §9.1.1 EMSA-PSS-ENCODE with SHA-256/MGF1-SHA-256, emBits = 2047."""
+    h = hashlib.sha256(b"\x00" * 8 + m_hash + salt).digest()
+    db = bytes(K - len(salt) - 32 - 2) + b"\x01" + salt
+    mask = b"".join(hashlib.sha256(h + i.to_bytes(4, "big")).digest() for i in range(7))
+    masked = bytes(a ^ b for a, b in zip(db, mask, strict=False))
+    return bytes([masked[0] & 0x7F]) + masked[1:] + h + b"\xbc"
+
+
+def test_pss_block_starting_like_pkcs1_is_still_accepted() -> None:
+    m_hash = hashlib.sha256(b"msg").digest()
+    for i in range(1_000_000):
+        em = _emsa_pss_encode(m_hash, i.to_bytes(32, "big"))
+        if em[:2] == b"\x00\x01":
+            break
+    else:
+        pytest.fail("no PSS encoding starting with 00 01 found")
+    assert check_signing_block(em, K).scheme is Scheme.PSS
+    # The hand-made encoder agrees with cryptography's: the signature of EM verifies.
+    sig = pow(int.from_bytes(em, "big"), KEY.private_numbers().d, N).to_bytes(K, "big")
+    h = hashes.SHA256()
+    KEY.public_key().verify(sig, m_hash, padding.PSS(padding.MGF1(h), 32), utils.Prehashed(h))
