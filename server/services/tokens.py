@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from server.config import Policy
 from server.db import affected
-from server.errors import InvalidOtp, Unauthorized
+from server.errors import InvalidOtp, RateLimited, Unauthorized
 from server.models import AuthToken, User, utcnow
 from server.services import audit, otp, users
 from server.services.hashing import new_token, token_digest
@@ -116,28 +116,30 @@ def login(
     :raises InvalidOtp: missing, wrong or reused OTP.
     :raises RateLimited: too many OTP failures.
     """
+
+    def failed(reason: str) -> None:
+        audit.log(
+            session,
+            actor=f"user:{name}",
+            event=audit.Event.LOGIN_FAILED,
+            subject=f"user:{name}",
+            details={"reason": reason},
+        )
+
     try:
         user = users.authenticate_password(session, name, password)
     except Unauthorized:
-        audit.log(
-            session,
-            actor=f"user:{name}",
-            event=audit.Event.LOGIN_FAILED,
-            subject=f"user:{name}",
-            details={"reason": "password"},
-        )
+        failed("password")
         raise
     if otp_code is None and require_otp:
-        audit.log(
-            session,
-            actor=f"user:{name}",
-            event=audit.Event.LOGIN_FAILED,
-            subject=f"user:{name}",
-            details={"reason": "otp missing"},
-        )
+        failed("otp missing")
         raise InvalidOtp("a one-time password is required")
     if otp_code is not None:
-        otp.verify(session, user, otp_code, policy)
+        try:
+            otp.verify(session, user, otp_code, policy)
+        except (InvalidOtp, RateLimited) as e:
+            failed(e.code)
+            raise
     pair = issue_pair(session, user, policy, second_factor=otp_code is not None)
     audit.append(
         session,

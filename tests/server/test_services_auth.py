@@ -111,9 +111,20 @@ def test_login_refresh_revoke(session: Session, make_user: MakeUser, policy: Pol
 
 
 def test_login_needs_otp_unless_csc(session: Session, make_user: MakeUser, policy: Policy) -> None:
-    make_user()
+    user = make_user()
     with pytest.raises(InvalidOtp):
         tokens.login(session, policy, "alice", PASSWORD, None)
+    code = totp_now(user)
+    tokens.login(session, policy, "alice", PASSWORD, code)
+    with pytest.raises(InvalidOtp):  # the same code again
+        tokens.login(session, policy, "alice", PASSWORD, code)
+    events = [r["event"] for r in audit.export(session)]
+    assert events[-4:] == [
+        audit.Event.LOGIN_FAILED,
+        audit.Event.LOGIN_OK,
+        audit.Event.OTP_FAILED,
+        audit.Event.LOGIN_FAILED,
+    ]
     pair = tokens.login(session, policy, "alice", PASSWORD, None, require_otp=False)
     assert tokens.authenticate(session, pair.access_token).second_factor is False
 
