@@ -127,11 +127,6 @@ class ObjectId(IntEnum):
         """The tag as it appears after 5C in GET DATA / PUT DATA (1 or 3 bytes)."""
         return self.value.to_bytes(1 if self.value <= 0xFF else (self.value.bit_length() + 7) // 8)
 
-    @classmethod
-    def from_slot(cls, slot: Slot) -> ObjectId:
-        """The certificate object of a key slot."""
-        return slot.object_id
-
 
 _PIN_PROTECTED_OBJECTS: Final = frozenset(
     {ObjectId.FINGERPRINTS, ObjectId.FACIAL, ObjectId.PRINTED, ObjectId.IRIS}
@@ -174,10 +169,6 @@ class Slot(IntEnum):
     def object_id(self) -> ObjectId:
         """The data object that holds this slot's certificate."""
         return _SLOT_OBJECTS[self]
-
-    @property
-    def is_retired(self) -> bool:
-        return 0x82 <= self.value <= 0x95
 
     @property
     def default_pin_policy(self) -> PinPolicy:
