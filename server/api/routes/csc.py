@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Response
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import BasicDep, CurrentUser, HsmDep, SessionDep, SettingsDep, TokenDep
+from server.api.deps import BasicDep, CurrentUser, HsmDep, SessionDep, SettingsDep
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
 from server.models import Credential
@@ -203,9 +203,7 @@ def _router(version: Version) -> APIRouter:
         )
 
     @router.post("/auth/revoke", status_code=204)
-    def revoke(
-        session: SessionDep, user: CurrentUser, _token: TokenDep, body: CscRevokeRequest
-    ) -> Response:
+    def revoke(session: SessionDep, user: CurrentUser, body: CscRevokeRequest) -> Response:
         """Revoke one of the caller's tokens; a refresh token takes its access tokens along."""
         tokens.revoke(session, body.token, owner=user)
         return Response(status_code=204)

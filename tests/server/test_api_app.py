@@ -1,0 +1,58 @@
+"""The app as a whole: the OpenAPI document, health, and the error format of requests that
+never reach a handler (unknown paths, wrong methods, malformed JSON)."""
+
+from __future__ import annotations
+
+import pytest
+from apikit import Api, api_fixture  # noqa: F401
+
+
+def test_openapi_documents_every_api_and_only_400_for_bad_input(api: Api) -> None:
+    r = api.client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    paths = set(doc["paths"])
+    for version in ("v1", "v2"):
+        for method in ("info", "auth/login", "auth/revoke", "credentials/list",
+                       "credentials/info", "credentials/authorize",
+                       "credentials/extendTransaction", "signatures/signHash"):
+            assert f"/csc/{version}/{method}" in paths
+    assert {"/api/v1/auth/login", "/api/v1/pin/verify", "/api/v1/devices/enroll",
+            "/api/v1/credentials/{credential_id}/rsa-raw", "/api/v1/admin/users",
+            "/api/v1/admin/audit/verify", "/healthz"} <= paths
+    operations = [op for path in doc["paths"].values() for op in path.values()]
+    assert all("422" not in op["responses"] for op in operations)
+    sign_hash = doc["paths"]["/csc/v2/signatures/signHash"]["post"]
+    assert sign_hash["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+
+
+def test_health(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nowhere", 404, "not_found"),
+        ("GET", "/csc/v2/signatures/signHash", 405, "method_not_allowed"),
+        ("DELETE", "/api/v1/admin/users", 405, "method_not_allowed"),
+    ],
+)
+def test_routing_errors_use_the_error_format(
+    api: Api, method: str, path: str, status: int, code: str
+) -> None:
+    r = api.client.request(method, path)
+    assert r.status_code == status
+    assert r.json()["error"] == code and r.json()["error_description"]
+
+
+def test_malformed_json_is_400_and_echoes_no_secret(api: Api) -> None:
+    r = api.client.post("/api/v1/auth/login", content=b'{"username": "a", "password": "s3cr3t!',
+                        headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    r = api.client.post("/api/v1/auth/login",
+                        json={"username": "a", "password": "hunter2hunter2", "otp": "12"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    assert "hunter2" not in r.text and "otp" in r.json()["error_description"]
