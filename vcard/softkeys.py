@@ -122,7 +122,7 @@ class _RsaKey:
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
         self.key = key
         numbers = key.private_numbers()
-        self.n = numbers.public_numbers.n
+        self.n, self.e = numbers.public_numbers.n, numbers.public_numbers.e
         self.p, self.q = numbers.p, numbers.q
         self.dp, self.dq, self.qinv = numbers.dmp1, numbers.dmq1, numbers.iqmp
         self.size = (key.key_size + 7) // 8
@@ -136,9 +136,15 @@ class _RsaKey:
         signature = self._pkcs1v15_sign(block)
         if signature is not None:
             return signature
-        m1 = pow(x, self.dp, self.p)
-        m2 = pow(x, self.dq, self.q)
-        m = m2 + ((self.qinv * (m1 - m2)) % self.p) * self.q
+        # Blinding (RFC 8017 §5.1.2 note) hides x from the timing of Python's pow; the
+        # final check catches a faulty CRT result before it leaves the card.
+        r = secrets.randbelow(self.n - 2) + 2
+        blinded = x * pow(r, self.e, self.n) % self.n
+        m1 = pow(blinded, self.dp, self.p)
+        m2 = pow(blinded, self.dq, self.q)
+        m = (m2 + ((self.qinv * (m1 - m2)) % self.p) * self.q) * pow(r, -1, self.n) % self.n
+        if pow(m, self.e, self.n) != x:
+            raise RuntimeError("RSA CRT self-check failed")
         return m.to_bytes(self.size, "big")
 
     def _pkcs1v15_sign(self, block: bytes) -> bytes | None:
