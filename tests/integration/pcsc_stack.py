@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from vcard.constants import DEFAULT_PIN, DEFAULT_PUK, KeyType, Slot
-from vcard.doctor import PcscError, PcscReader
+from vcard.doctor import SELECT_PIV, PcscError, PcscReader
 from vcard.provision import init_soft
 
 READER = "cardbridge vpcd 00 00"
@@ -70,11 +70,22 @@ def make_card(path: Path, alg: str) -> SoftCard:
 
 
 def card_present() -> bool:
+    """Whether a card is in the reader and answers SELECT PIV."""
     try:
-        with PcscReader(READER):
-            return True
+        with PcscReader(READER) as conn:
+            _, sw = conn.transmit(SELECT_PIV)
+            return sw == 0x9000 or sw >> 8 == 0x61
     except PcscError:
         return False
+
+
+def card_ready() -> bool:
+    """A card that answers twice, a moment apart: vpcd can drop a just-connected card once
+    (the link then reconnects), so one answer right after connecting proves little."""
+    if not card_present():
+        return False
+    time.sleep(0.3)
+    return card_present()
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -111,7 +122,7 @@ class CardSlot:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 pytest.fail(f"cardbridge card run exited: {self._log_text()}")
-            return card_present()
+            return card_ready()
 
         wait_for(up, f"pcscd to see the card {card.path.name}")
         return card

@@ -15,6 +15,7 @@ from pcsc_stack import (
     VPCD,
     CardSlot,
     card_present,
+    card_ready,
     make_card,
     pkcs11,
     wait_for,
@@ -73,7 +74,7 @@ def test_run_traces_apdus_without_secrets(card_slot: CardSlot, tmp_path: Path) -
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(card_present, "the traced card")
+        wait_for(card_ready, "the traced card")
         pkcs11(
             "--login",
             "--pin",
