@@ -119,7 +119,7 @@ def encode_public_key(key: PublicKey) -> bytes:
 
 
 def unpad_pin(field: bytes) -> bytes:
-    """An 8-byte PIN field: ASCII padded with FF (Part 2 §2.4.3); ``ValueError`` otherwise."""
+    """An 8-byte PIN field: ASCII padded with FF (Part 2 §2.4.3); 6A80 otherwise."""
     if len(field) != 8:
         raise IncorrectData("a PIN field is 8 bytes")
     pin = field.rstrip(bytes([_PIN_PAD]))
@@ -335,10 +335,10 @@ class PivApplet:
         }:
             if pending is None or pending[0] is not Challenge.MUTUAL:
                 raise SecurityStatusNotSatisfied("no management-key witness pending")
-            self._conclude(state, hmac.compare_digest(items[TAG_AUTH_WITNESS], pending[1]))
             host_challenge = items[TAG_AUTH_CHALLENGE]
             if len(host_challenge) != alg.block_size:
                 raise IncorrectData(f"the host challenge is {alg.block_size} bytes")
+            self._conclude(state, hmac.compare_digest(items[TAG_AUTH_WITNESS], pending[1]))
             return Tlv(
                 TAG_DYN_AUTH, Tlv(TAG_AUTH_RESPONSE, encrypt_block(alg, key, host_challenge))
             )
