@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from piv_host import PIN, Host, pad_pin
+from piv_host import PIN, Host, ecb, pad_pin
 
 from vcard.card import VirtualCard
-from vcard.constants import Slot
+from vcard.constants import DEFAULT_MANAGEMENT_KEY, MgmtAlg, Slot
 from vcard.piv import MAX_OBJECT_SIZE
 from vcard.tlv import Tlv
 
@@ -233,4 +233,12 @@ def test_piv_is_selected_after_power_on(card: VirtualCard) -> None:
 
 def test_wrong_management_key_answers_6982(host: Host) -> None:
     assert host.authenticate(key=bytes(24)) == 0x6982
+    assert host.send(0xDB, 0x3F, 0xFF, bytes.fromhex("5c035fc109530100"))[1] == 0x6982
+
+
+def test_mutual_auth_with_a_short_host_challenge_grants_nothing(host: Host) -> None:
+    out = host.ok(0x87, 0x03, 0x9B, bytes.fromhex("7c028000"))
+    witness = ecb(MgmtAlg.TDES, DEFAULT_MANAGEMENT_KEY, out[4:], decrypt=True)
+    body = Tlv(0x7C, Tlv(0x80, witness) + Tlv(0x81, bytes(4)))
+    assert host.send(0x87, 0x03, 0x9B, body)[1] == 0x6A80
     assert host.send(0xDB, 0x3F, 0xFF, bytes.fromhex("5c035fc109530100"))[1] == 0x6982
