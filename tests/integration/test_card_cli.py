@@ -118,3 +118,25 @@ def test_run_errors_are_one_line(tmp_path: Path) -> None:
     assert unreachable.returncode == 1
     lines = unreachable.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot reach vpcd at 127.0.0.1:9")
+
+
+def test_run_in_vpcd_second_slot(card_slot: CardSlot, tmp_path: Path) -> None:
+    """--vpcd picks the reader: port 35964 is vpcd's slot 2, "cardbridge vpcd 00 01"."""
+    card_slot.remove()
+    card = make_card(tmp_path / "card", "p256")
+    proc = subprocess.Popen(
+        [CARDBRIDGE, "card", "run", "--soft", str(card.path), "--vpcd", "127.0.0.1:35964"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def answers() -> bool:
+            rc, _ = doctor("--reader", "cardbridge vpcd 00 01")
+            return rc == 0
+
+        wait_for(answers, "the card in the second slot")
+        assert not card_present()  # nothing in slot 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

@@ -6,11 +6,12 @@ See piv-card-edge.md §2 (APDU layer) and §7 (status words).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pcsc_stack import READER, CardSlot, SoftCard, make_card
 from smartcard import scard
@@ -243,3 +244,25 @@ def test_power_cycle_clears_the_pin(conn: PcscReader, card_slot: CardSlot) -> No
         # PIV is selected after power-up: no SELECT before the status query.
         _, sw = fresh.transmit(bytes.fromhex("0020008000"))
         assert sw == 0x63C3
+
+
+def test_ed25519_card_signs_a_chained_message(card_slot: CardSlot, tmp_path: Path) -> None:
+    """Yubico's E0: 9E signs the whole message, sent in chained parts; the cert's key verifies.
+
+    No OpenSC before 0.27 knows Ed25519, so this card is proven with raw APDUs.
+    """
+    card = card_slot.present(make_card(tmp_path / "ed25519", "ed25519"))
+    message = bytes(range(256)) * 2  # longer than one short APDU
+    body = Tlv(0x7C, Tlv(0x82, b"") + Tlv(0x81, message))
+    parts = [body[i : i + 255] for i in range(0, len(body), 255)]
+    with PcscReader(READER) as conn:
+        for part in parts[:-1]:
+            assert conn.transmit(apdu(0x10, 0x87, 0xE0, 0x9E, part)) == (b"", 0x9000)
+        data, sw = read_all(conn, apdu(0x00, 0x87, 0xE0, 0x9E, parts[-1], 0))
+    assert sw == 0x9000
+    signature = Tlv.parse_list(Tlv(data).value)[0]
+    assert signature.tag == 0x82 and len(signature.value) == 64
+    public_key = card.certs[Slot.CARD_AUTH].public_key()
+    assert isinstance(public_key, ed25519.Ed25519PublicKey)
+    public_key.verify(signature.value, message)
+    card_slot.remove()
