@@ -51,7 +51,10 @@ def _cert_from_object(value: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-@pytest.fixture(scope="module", params=["p256", "p384", "rsa2048", "ed25519"])
+@pytest.fixture(
+    scope="module",
+    params=["p256", "p384", "rsa2048", "ed25519", "rsa4096"],
+)
 def card(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prov") / request.param
     init_soft(path, KeyType.from_name(request.param), PIN, PUK)
