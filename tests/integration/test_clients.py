@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,30 @@ def test_piv_tool_name_and_serial(soft_card: SoftCard) -> None:
     guid = SoftKeyBackend.open(soft_card.path).card_guid()
     out = run("piv-tool", "--serial")
     assert guid.hex(" ").upper() in out, out  # the CHUID's GUID is the serial
+
+
+@pytest.mark.parametrize(
+    ("key", "ok"),
+    [("010203040506070801020304050607080102030405060708", True), ("00" * 24, False)],
+    ids=["default-key", "wrong-key"],
+)
+def test_piv_tool_management_key_authentication(
+    soft_card: SoftCard, tmp_path: Path, key: str, ok: bool
+) -> None:
+    """9B mutual authentication (``-A M:9B:03``); OpenSC 0.23's external mode (``A:``) has a
+    client-side length bug (OpenSC#2658) and never sends its response."""
+    key_file = tmp_path / "9b.hex"
+    key_file.write_text(key)
+    proc = subprocess.run(
+        ["piv-tool", "-A", "M:9B:03"],
+        env={**os.environ, "PIV_EXT_AUTH_KEY": str(key_file)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
+    if not ok:
+        assert "admin_mode failed" in proc.stderr
 
 
 def test_yubico_piv_tool_status(soft_card: SoftCard) -> None:
