@@ -76,8 +76,10 @@ def enroll(
     """Enroll ``name``: keys for 9A/9C/9D/9E, certificates from the built-in CA, PIN, PUK,
     TOTP secret and a one-time enrollment code.
 
-    ``otp_per_signature`` applies to the 9C (digital signature) credential; ``pin_always``
-    comes from the policy and applies to 9C too.
+    Only the 9D key may decrypt or agree keys: 9A, 9C and 9E keys are generated sign-only, so
+    the HSM itself refuses anything else with them (rule 3). ``otp_per_signature`` applies to
+    the 9C (digital signature) credential; ``pin_always`` comes from the policy and applies to
+    9C too.
 
     :raises Conflict: the user already has active credentials (revoke first).
     :raises Forbidden: the user is disabled.
@@ -95,7 +97,7 @@ def enroll(
         for slot in SLOTS:
             slot_alg = _slot_alg(alg, slot)
             cred_id = new_token()[:22]
-            ref = hsm.generate_key(slot_alg, f"{name}/{slot}/{cred_id}")
+            ref = hsm.generate_key(slot_alg, f"{name}/{slot}/{cred_id}", sign_only=slot != "9d")
             generated.append(ref)
             cert = ca.issue_slot_cert(
                 hsm, ca_ref, ca_cert, slot, hsm.public_key(ref), name, user.email, user.upn

@@ -21,8 +21,15 @@ from sqlalchemy.orm import Session
 
 from server import ca
 from server.config import Settings
-from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
-from server.hsm import Hsm, KeyAlg
+from server.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    ServerError,
+    Unauthorized,
+)
+from server.hsm import Hsm, KeyAlg, KeyRef
 from server.models import Credential, User
 from server.services import audit, credentials, devices, enrollment, pins, tokens, users
 
@@ -35,6 +42,13 @@ def settings(hsm: Hsm, tmp_path: Path, db_url: str) -> Settings:
     )
     s.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return s
+
+
+PEER_POINT = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+)
 
 
 def device_key_pem() -> str:
@@ -63,6 +77,11 @@ def test_enroll_p256_then_redeem_and_revoke(session: Session, hsm: Hsm, settings
         cert.verify_directly_issued_by(ca_cert)
         ca.check_cert_matches(cert, hsm.public_key(credentials.key_ref(cred)))
         assert cred.otp_per_signature == (cred.slot == "9c")
+        if cred.slot != "9d":  # only the key-management key may agree keys (rule 3)
+            with pytest.raises(ServerError):
+                hsm.ecdh(credentials.key_ref(cred), PEER_POINT)
+        else:
+            assert len(hsm.ecdh(credentials.key_ref(cred), PEER_POINT)) == 32
         assert cred.pin_always == (cred.slot == "9c")
     nine_a = credentials.get_by_slot(session, user, "9a")
     eku = x509.load_pem_x509_certificate((nine_a.cert_pem or "").encode()).extensions
@@ -166,12 +185,12 @@ def test_failed_enrollment_leaves_nothing(
     session: Session, hsm: Hsm, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users.add_user(session, "hal")
-    made: list[str] = []
+    made: list[KeyRef] = []
     real = hsm.generate_key
 
-    def generate(alg: KeyAlg, label: str):  # type: ignore[no-untyped-def]
-        ref = real(alg, label)
-        made.append(label)
+    def generate(alg: KeyAlg, label: str, **kw: bool) -> KeyRef:
+        ref = real(alg, label, **kw)
+        made.append(ref)
         return ref
 
     def broken_ca(*args: object, **kw: object) -> x509.Certificate:
@@ -186,7 +205,10 @@ def test_failed_enrollment_leaves_nothing(
         enrollment.enroll(session, hsm, settings, "hal")
     assert session.scalars(select(Credential)).all() == []
     assert session.scalars(select(User.pin_hash).where(User.name == "hal")).one() is None
-    assert all(hsm.find_key(label) is None for label in made)  # generated keys destroyed
+    assert len(made) == 3
+    for ref in made:  # the keys generated before the failure are gone from the HSM
+        with pytest.raises(NotFound):
+            hsm.destroy_key(ref)
 
 
 @pytest.mark.parametrize(
