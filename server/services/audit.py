@@ -15,9 +15,9 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from server.models import AuditHead, AuditRecord, utcnow
@@ -86,6 +86,19 @@ def record_hash(
     return hashlib.sha256(canonical(fields)).hexdigest()
 
 
+_HEAD = cast(Table, AuditHead.__table__)
+_LOG = cast(Table, AuditRecord.__table__)
+# Built once: appends run on every signature, so they skip statement construction and the ORM.
+_NEXT_SEQ = (
+    update(_HEAD)
+    .where(_HEAD.c.id == HEAD_ID)
+    .values(last_seq=_HEAD.c.last_seq + 1)
+    .returning(_HEAD.c.last_seq, _HEAD.c.last_hash)
+)
+_SET_TIP = update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(last_hash=bindparam("tip"))
+_INSERT = insert(_LOG)
+
+
 def append(
     session: Session,
     *,
@@ -93,39 +106,35 @@ def append(
     event: Event | str,
     subject: str = "",
     details: Mapping[str, Any] | None = None,
-) -> AuditRecord:
-    """Append one record in the caller's transaction (the caller commits).
+) -> int:
+    """Append one record in the caller's transaction (the caller commits); returns its seq.
 
     :param actor: who acted, e.g. ``"user:alice"``, ``"admin"``, ``"device:<id>"``.
     :param subject: what was acted on, e.g. ``"user:bob"``, ``"credential:<id>"``.
     :param details: non-secret facts (never PINs, passwords, OTPs, tokens or key material).
     """
-    row = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == HEAD_ID)
-        .values(last_seq=AuditHead.last_seq + 1)
-        .returning(AuditHead.last_seq, AuditHead.last_hash)
-    ).one_or_none()
+    row = session.execute(_NEXT_SEQ).one_or_none()
     if row is None:
         raise RuntimeError("audit_head row missing: run the migrations")
     seq, prev_hash = int(row[0]), str(row[1])
     time = utcnow().isoformat(timespec="microseconds")
     details_json = canonical(dict(details or {})).decode()
     digest = record_hash(seq, time, actor, str(event), subject, details_json, prev_hash)
-    record = AuditRecord(
-        seq=seq,
-        time=time,
-        actor=actor,
-        event=str(event),
-        subject=subject,
-        details=details_json,
-        prev_hash=prev_hash,
-        hash=digest,
+    session.execute(
+        _INSERT,
+        {
+            "seq": seq,
+            "time": time,
+            "actor": actor,
+            "event": str(event),
+            "subject": subject,
+            "details": details_json,
+            "prev_hash": prev_hash,
+            "hash": digest,
+        },
     )
-    session.add(record)
-    session.execute(update(AuditHead).where(AuditHead.id == HEAD_ID).values(last_hash=digest))
-    session.flush()
-    return record
+    session.execute(_SET_TIP, {"tip": digest})
+    return seq
 
 
 def log(

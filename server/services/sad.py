@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -81,18 +82,50 @@ def authorize(
     return SadGrant(sad, policy.sad_ttl)
 
 
-def _load(session: Session, sad: str, user_id: int, credential_id: str) -> Sad:
-    row = session.scalar(select(Sad).where(Sad.sad_hash == token_digest(sad)))
+@dataclass(frozen=True)
+class _Held:
+    """The fields of a SAD row that spending needs."""
+
+    id: int
+    remaining: int
+    hashes: list[str] | None
+    hash_oid: str | None
+
+
+_SADS = cast(Table, Sad.__table__)
+# Built once: every signHash spends a SAD, so these skip statement construction and the ORM.
+_LOAD = select(
+    _SADS.c.id,
+    _SADS.c.user_id,
+    _SADS.c.credential_id,
+    _SADS.c.remaining,
+    _SADS.c.hashes,
+    _SADS.c.hash_oid,
+    _SADS.c.expires_at,
+).where(_SADS.c.sad_hash == bindparam("digest"))
+_SPEND = (
+    update(_SADS)
+    .where(
+        _SADS.c.id == bindparam("sad_id"),
+        _SADS.c.remaining == bindparam("seen"),
+        _SADS.c.expires_at > bindparam("now"),
+    )
+    .values(remaining=bindparam("left"), hashes=bindparam("left_hashes"))
+)
+
+
+def _load(session: Session, sad: str, user_id: int, credential_id: str) -> _Held:
+    row = session.execute(_LOAD, {"digest": token_digest(sad)}).one_or_none()
     if row is None or row.user_id != user_id or row.credential_id != credential_id:
         raise SadInvalid("Invalid parameter SAD")
     if row.expires_at <= utcnow():
         raise SadInvalid("SAD expired")
     if row.remaining <= 0:
         raise SadInvalid("SAD already used")
-    return row
+    return _Held(row.id, row.remaining, row.hashes, row.hash_oid)
 
 
-def _consume(row: Sad, hashes: Sequence[bytes], hash_oid: str | None) -> list[str] | None:
+def _consume(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[str] | None:
     """The pinned digests left after signing ``hashes``; raises if one is not covered."""
     if len(hashes) == 0:
         raise InvalidRequest("no hashes to sign")
@@ -129,10 +162,14 @@ def spend(
     left = _consume(row, hashes, hash_oid)
     won = affected(
         session.execute(
-            update(Sad)
-            .where(Sad.id == row.id, Sad.remaining == row.remaining, Sad.expires_at > utcnow())
-            .values(remaining=row.remaining - len(hashes), hashes=left)
-            .execution_options(synchronize_session=False)
+            _SPEND,
+            {
+                "sad_id": row.id,
+                "seen": row.remaining,
+                "now": utcnow(),
+                "left": row.remaining - len(hashes),
+                "left_hashes": left,
+            },
         )
     )
     if won != 1:

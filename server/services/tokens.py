@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -165,22 +166,50 @@ def _lookup(session: Session, token: str, kinds: tuple[str, ...]) -> AuthToken:
     return row
 
 
+_TOKENS = cast(Table, AuthToken.__table__)
+_PARENT = _TOKENS.alias("parent")
+_USERS = cast(Table, User.__table__)
+# Built once: every API request authenticates, so this is one prebuilt query.
+_AUTHENTICATE = (
+    select(
+        _TOKENS.c.id,
+        _TOKENS.c.kind,
+        _TOKENS.c.revoked,
+        _TOKENS.c.expires_at,
+        _TOKENS.c.second_factor,
+        _USERS.c.id,
+        _USERS.c.name,
+        _USERS.c.disabled,
+        _PARENT.c.revoked,
+    )
+    .select_from(
+        _TOKENS.outerjoin(_USERS, _USERS.c.id == _TOKENS.c.user_id).outerjoin(
+            _PARENT, _PARENT.c.id == _TOKENS.c.parent_id
+        )
+    )
+    .where(_TOKENS.c.token_hash == bindparam("digest"))
+)
+
+
 def authenticate(session: Session, token: str) -> Principal:
     """The principal of a bearer token (access or admin token).
 
-    :raises Unauthorized: unknown, expired or revoked token, or a disabled user.
+    :raises Unauthorized: unknown, expired or revoked token, revoked refresh token, or a
+        disabled user.
     """
-    row = _lookup(session, token, (ACCESS, ADMIN))
-    if row.kind == ADMIN:
-        return Principal("admin", "admin", None, row.id, True)
-    user = session.get(User, row.user_id)
-    if user is None or user.disabled:
+    row = session.execute(_AUTHENTICATE, {"digest": token_digest(token)}).one_or_none()
+    if row is None:
         raise Unauthorized("invalid or expired token")
-    if row.parent_id is not None:
-        parent = session.get(AuthToken, row.parent_id)
-        if parent is None or parent.revoked:
-            raise Unauthorized("invalid or expired token")
-    return Principal("user", user.name, user.id, row.id, row.second_factor)
+    token_id, kind, revoked, expires_at, second_factor, user_id, name, disabled, parent_revoked = (
+        row
+    )
+    if revoked or (expires_at is not None and expires_at <= utcnow()) or parent_revoked:
+        raise Unauthorized("invalid or expired token")
+    if kind == ADMIN:
+        return Principal("admin", "admin", None, token_id, True)
+    if kind != ACCESS or user_id is None or disabled:
+        raise Unauthorized("invalid or expired token")
+    return Principal("user", name, user_id, token_id, bool(second_factor))
 
 
 def refresh(session: Session, policy: Policy, refresh_token: str) -> TokenPair:
