@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,6 +41,7 @@ from vcard.constants import (
     KeyType,
     Slot,
 )
+from vcard.errors import NotACard
 from vcard.keys import PublicKey
 from vcard.softkeys import SoftKeyBackend
 from vcard.tlv import Tlv
@@ -125,21 +128,45 @@ def init_soft(
     *,
     holder: str = "cardbridge soft card",
 ) -> SoftCard:
-    """Create a ready software card in ``path`` (which must not hold a card yet).
+    """Create a ready software card in ``path``, all or nothing.
 
-    :param path: the card directory; created if missing.
+    The card is built in a hidden sibling directory and renamed into place at the end, so
+    an interrupted run leaves no half-made card behind.
+
+    :param path: the card directory: missing or empty.
     :param key_type: the algorithm of all four keys.
     :param pin: the initial PIN (6-8 digits).
     :param puk: the initial PUK (8 digits).
     :param holder: the cardholder name in the certificates' CN.
     """
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        try:
+            SoftKeyBackend.open(path)
+        except NotACard:
+            raise NotACard(f"{path} exists and is not an empty directory") from None
+        raise NotACard(f"{path} already holds a card")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        issued = _provision(staging, path.name, key_type, pin, puk, holder)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return SoftCard(path, key_type, path / CA_FILE, issued)
+
+
+def _provision(
+    path: Path, name: str, key_type: KeyType, pin: bytes, puk: bytes, holder: str
+) -> tuple[IssuedSlot, ...]:
+    """Make the card in ``path``: backend, CA (its key dropped on return), four slots."""
     backend = SoftKeyBackend.create(path, pin=pin, puk=puk)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.datetime.now(datetime.UTC)
     ca_name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cardbridge"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"cardbridge throwaway CA for {path.name}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"cardbridge throwaway CA for {name}"),
         ]
     )
     ca_cert = (
@@ -177,7 +204,7 @@ def init_soft(
     ca_path = path / CA_FILE
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     os.chmod(ca_path, 0o644)
-    return SoftCard(path, key_type, ca_path, tuple(issued))
+    return tuple(issued)
 
 
 def _issue(

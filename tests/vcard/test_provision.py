@@ -144,6 +144,24 @@ def test_refuses_a_directory_that_already_holds_a_card(tmp_path: Path) -> None:
     assert (tmp_path / "c" / "keys" / "9a.pem").read_bytes() == before
 
 
+def test_refuses_a_non_empty_directory_and_leaves_it_alone(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(NotACard, match="not an empty directory"):
+        init_soft(tmp_path / "c", KeyType.ECCP256, PIN, PUK)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_an_empty_directory_becomes_the_card(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    card = init_soft(tmp_path / "c", KeyType.ECCP256, PIN, PUK)
+    assert card.path == tmp_path / "c" and card.ca_path == tmp_path / "c" / CA_FILE
+    assert SoftKeyBackend.open(tmp_path / "c").key_type(Slot.CARD_AUTH) is KeyType.ECCP256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o700
+
+
 def test_cert_object_lengths_round_trip(tmp_path: Path) -> None:
     card = init_soft(tmp_path / "c", KeyType.RSA2048, PIN, PUK)
     cert = card.slots[0].certificate
@@ -193,7 +211,7 @@ def test_cli_init_soft_errors_are_one_line(tmp_path: Path, args: list[str], mess
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
-    assert not (tmp_path / "c" / "card.json").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing half-made, no staging directory left
 
 
 def test_cli_init_soft_refuses_existing_card(tmp_path: Path) -> None:
