@@ -109,7 +109,7 @@ class Credential(Base):
     pin_always: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    user: Mapped[User] = relationship(back_populates="credentials")
+    user: Mapped[User] = relationship(back_populates="credentials", lazy="joined")
 
 
 class AuthToken(Base):
