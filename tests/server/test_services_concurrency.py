@@ -117,3 +117,20 @@ def test_audit_appends_from_two_connections_keep_the_chain(
         assert audit.verify(s) is None
         seqs = [r["seq"] for r in audit.export(s)]
     assert seqs == list(range(1, THREADS * per_thread + 1))
+
+
+def test_verify_while_another_connection_appends(sessions: sessionmaker[Session]) -> None:
+    def work(i: int) -> list[object]:
+        with sessions() as s:
+            if i == 0:
+                for n in range(60):
+                    audit.log(s, actor="writer", event="test", details={"n": n})
+                return []
+            found = []
+            for _ in range(15):
+                found.append(audit.verify(s))
+                s.rollback()  # a fresh snapshot each time
+            return found
+
+    results = run_together(work)
+    assert results[0] == [] and results[1] == [None] * 15
