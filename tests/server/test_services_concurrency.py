@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from conftest import MakeUser
+from conftest import MakeUser, totp_now
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Policy
-from server.errors import PinIncorrect, SadInvalid
+from server.errors import InvalidOtp, PinIncorrect, RateLimited, SadInvalid
 from server.models import Credential, User
-from server.services import audit, pins, sad
+from server.services import audit, otp, pins, sad
 
 T = TypeVar("T")
 THREADS = 2
@@ -134,3 +134,43 @@ def test_verify_while_another_connection_appends(sessions: sessionmaker[Session]
 
     results = run_together(work)
     assert results[0] == [] and results[1] == [None] * 15
+
+
+def test_one_totp_code_from_two_connections_is_accepted_once(
+    sessions: sessionmaker[Session], make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    code = totp_now(user)
+
+    def submit(_: int) -> bool:
+        with sessions() as s:
+            otp.verify(s, s.get(User, user.id), code, policy)  # type: ignore[arg-type]
+        return True
+
+    results = run_together(submit)
+    assert results.count(True) == 1
+    assert sum(isinstance(r, InvalidOtp) for r in results) == 1
+
+
+def test_parallel_otp_guesses_cannot_exceed_the_limit(
+    sessions: sessionmaker[Session], make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+
+    def guess(_: int) -> list[str]:
+        seen = []
+        with sessions() as s:
+            me = s.get(User, user.id)
+            assert me is not None
+            for _ in range(policy.otp_max_failures):
+                try:
+                    otp.verify(s, me, "abcdef", policy)
+                except (InvalidOtp, RateLimited) as e:
+                    seen.append(e.code)
+        return seen
+
+    codes = [c for r in run_together(guess) for c in r]  # type: ignore[union-attr]
+    assert codes.count("invalid_otp") == policy.otp_max_failures
+    assert (
+        codes.count("rate_limited") == THREADS * policy.otp_max_failures - policy.otp_max_failures
+    )
