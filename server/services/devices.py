@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -83,6 +84,11 @@ def redeem(session: Session, code: str, device_public_key_pem: str) -> DeviceEnr
         id=new_token()[:22], user_id=user.id, public_key_pem=pem, fingerprint=fingerprint
     )
     session.add(device)
+    try:
+        session.flush()
+    except IntegrityError as e:  # the same key registered concurrently
+        session.rollback()
+        raise Conflict("this device key is already registered") from e
     audit.append(
         session,
         actor=f"device:{device.id}",

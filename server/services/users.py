@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
@@ -54,7 +55,11 @@ def add_user(
         password_hash=hash_secret(password) if password is not None else None,
     )
     session.add(user)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as e:  # a concurrent add of the same name won the race
+        session.rollback()
+        raise Conflict(f"user {name!r} already exists") from e
     audit.append(
         session,
         actor=actor,

@@ -15,9 +15,9 @@ from conftest import MakeUser, totp_now
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Policy
-from server.errors import InvalidOtp, PinIncorrect, RateLimited, SadInvalid
+from server.errors import Conflict, InvalidOtp, PinIncorrect, RateLimited, SadInvalid
 from server.models import Credential, User
-from server.services import audit, otp, pins, sad
+from server.services import audit, otp, pins, sad, users
 
 T = TypeVar("T")
 THREADS = 2
@@ -174,3 +174,16 @@ def test_parallel_otp_guesses_cannot_exceed_the_limit(
     assert (
         codes.count("rate_limited") == THREADS * policy.otp_max_failures - policy.otp_max_failures
     )
+
+
+def test_concurrent_adds_of_one_name_give_one_user_and_one_conflict(
+    sessions: sessionmaker[Session],
+) -> None:
+    def add(_: int) -> bool:
+        with sessions() as s:
+            users.add_user(s, "twin")
+        return True
+
+    results = run_together(add)
+    assert results.count(True) == 1
+    assert sum(isinstance(r, Conflict) for r in results) == 1
