@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from server import ca
 from server.config import SETTINGS_FILE, Settings
 from server.db import make_engine, migrate, session_factory
-from server.errors import InvalidRequest
+from server.errors import Conflict, InvalidRequest
 from server.hsm import Hsm, KeyRef, softhsm
 from server.services import enrollment, tokens
 
@@ -59,8 +59,13 @@ def _settings(
     token_label: str | None,
     hsm_pin_file: Path | None,
 ) -> Settings:
-    if (data / SETTINGS_FILE).exists():
-        return Settings.load(data)  # an existing DIR keeps its choices
+    if (data / SETTINGS_FILE).exists():  # an existing DIR keeps its choices
+        settings = Settings.load(data)
+        asked = {"db_url": db_url, "hsm_module": hsm_module, "token_label": token_label}
+        for key, value in asked.items():
+            if value is not None and value != getattr(settings, key):
+                raise Conflict(f"{data} is already initialised with another {key}")
+        return settings
     overrides: dict[str, object] = {}
     if db_url:
         overrides["db_url"] = db_url

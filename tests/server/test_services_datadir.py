@@ -84,6 +84,9 @@ def test_init_creates_everything_once(tmp_path: Path) -> None:
     before = snapshot(data)
     init(data)  # re-run: nothing is replaced
     assert snapshot(data) == before
+    with pytest.raises(AssertionError, match="already initialised with another db_url"):
+        init(data, "db_url='sqlite:////tmp/elsewhere.db'")
+    assert snapshot(data) == before
 
     (data / "admin-token").unlink()  # a lost piece is recreated, the rest kept
     (data / "tls" / "server.pem").unlink()
