@@ -47,6 +47,7 @@ from server.errors import (
     InvalidOtp,
     InvalidRequest,
     NotFound,
+    PaddingRejected,
     PinBlocked,
     PinIncorrect,
     PinRequired,
@@ -83,6 +84,8 @@ SLOT_OPS: Final[dict[str, frozenset[PivOp]]] = {
 keys (rule 3: no key is both a signing and a decryption oracle)."""
 
 PIN_MARK, PIN_ONCE_MARK = "piv-pin", "piv-pin-once"
+REFUSED_EVENT = "key.refused"
+"""Audit event of a key use refused by rule 3 or the PIN policy."""
 
 
 @dataclass(frozen=True)
@@ -443,19 +446,6 @@ def piv_credential(
     return cred
 
 
-def _finish(
-    session: Session, principal: Principal, cred: Credential, event: audit.Event, **details: object
-) -> None:
-    audit.append(
-        session,
-        actor=principal.actor,
-        event=event,
-        subject=f"credential:{cred.id}",
-        details={"slot": cred.slot, **details},
-    )
-    session.commit()
-
-
 def piv_operation(
     session: Session, hsm: Hsm, principal: Principal, credential_id: str, op: PivOp, data: bytes
 ) -> bytes:
@@ -470,34 +460,56 @@ def piv_operation(
     - ``ecdh`` (9D only): ``data`` is the peer's uncompressed point; the shared secret out.
 
     :raises PaddingRejected: a block rule 3 refuses. :raises PinRequired: PIN policy unmet.
+    Both refusals are audited (``key.refused``): they are what probing for an oracle or
+    using a key without its PIN looks like.
     """
     cred = piv_credential(session, principal, credential_id, op)
+    try:
+        result, event, details = _run(session, hsm, principal, cred, op, data)
+    except (PaddingRejected, PinRequired) as e:
+        session.rollback()
+        audit.log(
+            session,
+            actor=principal.actor,
+            event=REFUSED_EVENT,
+            subject=f"credential:{cred.id}",
+            details={"slot": cred.slot, "op": str(op), "reason": e.code},
+        )
+        raise
+    audit.append(
+        session,
+        actor=principal.actor,
+        event=event,
+        subject=f"credential:{cred.id}",
+        details={"slot": cred.slot, "op": str(op), **details},
+    )
+    session.commit()
+    return result
+
+
+def _run(
+    session: Session, hsm: Hsm, principal: Principal, cred: Credential, op: PivOp, data: bytes
+) -> tuple[bytes, audit.Event, dict[str, str]]:
     ref = credentials.key_ref(cred)
-    details: dict[str, object] = {"op": str(op)}
-    event = audit.Event.SIGN
     if op in (PivOp.RSA_RAW, PivOp.DECRYPT) and not ref.alg.is_rsa:
         raise InvalidRequest(f"{op} needs an RSA key")
     if op is PivOp.RSA_RAW:
         block = padding.check_signing_block(data, (ref.alg.bits + 7) // 8)
-        details.update(scheme=str(block.scheme), hash=block.hash.name)
         _require_pin(session, principal, cred)
-        result = hsm.rsa_raw(ref, data)
-    elif op is PivOp.DECRYPT:
+        details = {"scheme": str(block.scheme), "hash": block.hash.name}
+        return hsm.rsa_raw(ref, data), audit.Event.SIGN, details
+    if op is PivOp.DECRYPT:
         _require_pin(session, principal, cred)
         result = hsm.rsa_decrypt_raw(ref, data)
         padding.check_decrypted_block(result)
-        event = audit.Event.DECRYPT
-    elif op is PivOp.ECDSA:
+        return result, audit.Event.DECRYPT, {}
+    if op is PivOp.ECDSA:
         if ref.alg.curve_oid is None or len(data) != (ref.alg.bits + 7) // 8:
             raise InvalidRequest("ECDSA needs an EC key and a digest as long as its field")
         _require_pin(session, principal, cred)
-        result = hsm.sign_digest(ref, data, csc_hash_for_length(len(data)).name)
-    elif op is PivOp.EDDSA:
-        _require_pin(session, principal, cred)
-        result = hsm.eddsa_sign(ref, data)
-    else:
-        _require_pin(session, principal, cred)
-        result = hsm.ecdh(ref, data)
-        event = audit.Event.ECDH
-    _finish(session, principal, cred, event, **details)
-    return result
+        hash_name = csc_hash_for_length(len(data)).name
+        return hsm.sign_digest(ref, data, hash_name), audit.Event.SIGN, {}
+    _require_pin(session, principal, cred)
+    if op is PivOp.EDDSA:
+        return hsm.eddsa_sign(ref, data), audit.Event.SIGN, {}
+    return hsm.ecdh(ref, data), audit.Event.ECDH, {}

@@ -307,6 +307,7 @@ def test_every_key_use_is_audited(api: Api) -> None:
     public = certs(api, user)["9d"].public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     result(op(api, user, "9d", "decrypt", "block", public.encrypt(b"k", padding.PKCS1v15())))
+    error(op(api, user, "9a", "rsa-raw", "block", type2_block()), 400, "invalid_padding")
     r = api.client.get("/api/v1/admin/audit/export", headers=api.admin)
     assert r.status_code == 200
     mine = [rec for rec in r.json() if rec["actor"] == f"user:{user.name}"]
@@ -317,6 +318,9 @@ def test_every_key_use_is_audited(api: Api) -> None:
     sign_rec = next(rec for rec in mine if rec["event"] == "sign")
     assert sign_rec["details"] == {"slot": "9a", "op": "rsa-raw", "scheme": "pkcs1v15",
                                    "hash": "sha256"}
+    refused = next(rec for rec in mine if rec["event"] == "key.refused")
+    assert refused["subject"] == f"credential:{user.credentials['9a']}"
+    assert refused["details"]["reason"] == "invalid_padding"
     assert user.pin not in json.dumps(r.json())
 
 
