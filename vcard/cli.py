@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``cardbridge card``: create, run and diagnose the virtual PIV card."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``cardbridge card doctor``: checks the local PC/SC stack as a client would, with pyscard.
 
 Each check says what it found and, when it fails, what to do about it: pcscd reachable,

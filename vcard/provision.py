@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Provisioning a standalone software-key card: keys in 9A/9C/9D/9E, certificates, a CA.
 
 ``init_soft`` creates a :class:`~vcard.softkeys.SoftKeyBackend` directory, generates a key

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The card side of vsmartcard's vpcd protocol: presents a card in pcscd's virtual reader.
 
 vpcd (the reader driver inside pcscd) listens on TCP; the card connects to it. Every message
