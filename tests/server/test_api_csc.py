@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -452,3 +453,12 @@ def test_wrong_digest_length_is_refused_at_authorize(api: Api, p256: Enrolled) -
     assert r.json()["error_description"] == "Invalid digest value length"
     r = authorize(api, p256, h, [digest("x")], hashAlgo=SHA384)
     assert_error(r, 400)
+
+
+def test_concurrent_spends_of_one_sad_sign_once(api: Api, p256: Enrolled) -> None:
+    h = api.csc_login(p256)
+    d = digest("race")
+    sad = authorize(api, p256, h, [d]).json()["SAD"]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: sign(api, p256, h, sad, [d]).status_code, range(8)))
+    assert sorted(statuses) == [200] + [400] * 7
