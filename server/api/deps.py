@@ -16,7 +16,7 @@ from fastapi.security import (
 from sqlalchemy.orm import Session
 
 from server.config import Settings
-from server.errors import Forbidden, ServerError, Unauthorized
+from server.errors import Forbidden, HsmError, Unauthorized
 from server.hsm import Hsm
 from server.services import tokens
 from server.services.tokens import Principal
@@ -32,13 +32,15 @@ def get_db(request: Request) -> Iterator[Session]:
 
 
 def get_hsm(request: Request) -> Hsm:
+    """The process's HSM session, opened in the app's lifespan."""
     hsm: Hsm | None = request.app.state.hsm
     if hsm is None:
-        raise ServerError("the HSM is not open")
+        raise HsmError("the HSM is not open")
     return hsm
 
 
 def get_settings(request: Request) -> Settings:
+    """The data directory's settings (paths and security policy)."""
     settings: Settings = request.app.state.settings
     return settings
 
