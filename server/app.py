@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimit
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
 from server.db import make_engine, session_factory
@@ -67,6 +68,7 @@ def create_app(
     app.state.hsm = hsm
     app.state.sessions = sessions or session_factory(make_engine(settings.db_url))
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     for module in (health, auth, csc, piv, admin, audit):
         for router in module.routers:
             app.include_router(router)

@@ -3,8 +3,12 @@ never reach a handler (unknown paths, wrong methods, malformed JSON)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from apikit import Api, api_fixture  # noqa: F401
+
+from server.api.limits import MAX_BODY
 
 
 def test_openapi_documents_every_api_and_only_400_for_bad_input(api: Api) -> None:
@@ -56,3 +60,23 @@ def test_malformed_json_is_400_and_echoes_no_secret(api: Api) -> None:
                         json={"username": "a", "password": "hunter2hunter2", "otp": "12"})
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
     assert "hunter2" not in r.text and "otp" in r.json()["error_description"]
+
+
+def test_oversized_bodies_are_413_before_and_while_streaming(api: Api) -> None:
+    big = b'{"username": "' + b"a" * (MAX_BODY + 1) + b'"}'
+    r = api.client.post("/api/v1/auth/login", content=big,
+                        headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        yield b'{"username": "'
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = api.client.post("/api/v1/auth/login", content=chunks(),
+                        headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+    r = api.client.post("/api/v1/auth/login", content=b"{}",
+                        headers={"Content-Type": "application/json", "Content-Length": "x"})
+    assert r.status_code == 400
