@@ -2,7 +2,8 @@
 SQLite database and the shared SoftHSM2 token, driven in-process by FastAPI's TestClient, with a
 CA in the HSM, the admin token, and enrolled users that log in like real clients.
 
-Import with ``from apikit import Api, api_fixture  # noqa: F401`` (the fixture is ``api``).
+Import with ``from apikit import Api, api_fixture, api_db_url_fixture  # noqa: F401`` (the
+fixtures are ``api`` and ``api_db_url``; a module may override ``api_db_url``).
 """
 
 from __future__ import annotations
@@ -119,13 +120,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.fixture(scope="module", name="api_db_url")
+def api_db_url_fixture(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The API tests' database: SQLite unless a module overrides this fixture."""
+    return f"sqlite:///{tmp_path_factory.mktemp('apidb') / 'cardbridge.db'}"
+
+
 @pytest.fixture(scope="module", name="api")
 def api_fixture(
-    hsm: Hsm, hsm_token: HsmToken, tmp_path_factory: pytest.TempPathFactory
+    hsm: Hsm, hsm_token: HsmToken, tmp_path_factory: pytest.TempPathFactory, api_db_url: str
 ) -> Iterator[Api]:
-    """One app per test module: fresh SQLite database, CA in the shared SoftHSM2 token."""
+    """One app per test module: a freshly migrated database, CA in the shared SoftHSM2 token."""
     data: Path = tmp_path_factory.mktemp("api")
-    url = f"sqlite:///{data / 'cardbridge.db'}"
+    url = api_db_url
     migrate(url)
     ca_ref, ca_cert = ca.create_ca(hsm, f"cardbridge test CA {data.name}")
     (data / "ca.pem").write_bytes(ca_cert.public_bytes(Encoding.PEM))

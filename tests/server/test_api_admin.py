@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from apikit import PASSWORD, Api, api_fixture  # noqa: F401
+from apikit import PASSWORD, Api, api_db_url_fixture, api_fixture  # noqa: F401
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from apikit import Api, api_fixture  # noqa: F401
+from apikit import Api, api_db_url_fixture, api_fixture  # noqa: F401
 
 from server.api.limits import MAX_BODY
 

@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from pgcluster import PgCluster
 from sqlalchemy import update
 
 from server.app import create_app
@@ -79,6 +80,15 @@ def assert_error(resp: Any, status: int, code: str | None = None) -> None:
     assert resp.headers["content-type"].startswith("application/json")
     if code is not None:
         assert body["error"] == code, body
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every CSC test runs on SQLite and on PostgreSQL (several server nodes share it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('cscdb') / 'cardbridge.db'}"
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database()
 
 
 @pytest.fixture(scope="module")

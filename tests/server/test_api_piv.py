@@ -12,7 +12,7 @@ import json
 import os
 
 import pytest
-from apikit import PASSWORD, Api, Enrolled, api_fixture, b64  # noqa: F401
+from apikit import PASSWORD, Api, Enrolled, api_db_url_fixture, api_fixture, b64  # noqa: F401
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa

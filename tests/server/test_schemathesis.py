@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from apikit import Api, api_fixture  # noqa: F401
+from apikit import Api, api_db_url_fixture, api_fixture  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
