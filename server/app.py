@@ -37,11 +37,16 @@ def create_app(
     :param settings: the data directory's settings; ``None`` loads them from ``$CARDBRIDGE_DATA``
         (what ``uvicorn --factory server.app:create_app`` does in each worker).
     :param hsm: an open HSM session to use (tests); the app then never closes it.
-    :param sessions: a session factory to use instead of one over ``settings.db_url``.
+    :param sessions: a session factory to use (tests) instead of an engine over
+        ``settings.db_url`` that the app creates and disposes of.
     """
     if settings is None:
         settings = Settings.load(os.environ[DATA_DIR_ENV])
     resolved = settings
+    engine = None
+    if sessions is None:
+        engine = make_engine(settings.db_url)
+        sessions = session_factory(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +62,8 @@ def create_app(
             if opened is not None:
                 app.state.hsm = None
                 opened.close()
+            if engine is not None:
+                engine.dispose()
 
     app = FastAPI(
         title="cardbridge signing server",
@@ -66,7 +73,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.hsm = hsm
-    app.state.sessions = sessions or session_factory(make_engine(settings.db_url))
+    app.state.sessions = sessions
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     for module in (health, auth, csc, piv, admin, audit):
