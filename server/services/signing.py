@@ -189,9 +189,9 @@ def authorize(
     hash_oid: str | None,
     factors: Factors,
 ) -> sad.SadGrant:
-    """credentials/authorize: check PIN (and OTP when the credential's policy asks for it) and
-    issue a SAD pinned to ``hashes`` (SCAL 2). Without a hash OID the digest algorithm is
-    inferred from the digest length and enforced at signHash.
+    """credentials/authorize: check PIN (and OTP when the credential's policy asks for it; an
+    OTP sent anyway is checked too) and issue a SAD pinned to ``hashes`` (SCAL 2). Without a
+    hash OID the digest algorithm is inferred from the digest length and enforced at signHash.
 
     :raises InvalidRequest: no hashes, bad digest lengths, missing PIN.
     :raises PinIncorrect, PinBlocked, InvalidOtp, RateLimited: from the factor checks.
