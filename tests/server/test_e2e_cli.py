@@ -19,6 +19,7 @@ import pyotp
 import pytest
 from live_server import (
     LiveServer,
+    ca_context,
     cardbridge,
     credential_for,
     enroll_user,
@@ -291,3 +292,36 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     admin_pin = out.split("new PIN:", 1)[1].strip()
     assert _authorize(server, token, cred, admin_pin).status_code == 200
     assert server.admin("audit", "verify").returncode == 0
+
+
+def test_run_with_two_workers_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    """``--workers 2``: each worker opens its own HSM session; SIGTERM stops both, exit 0."""
+    data = tmp_path / "data"
+    init_data_dir(data)
+    server = start_server(data, workers=2)
+    try:
+        assert server.admin("audit", "verify").returncode == 0
+        enrollment = enroll_user(server, "w2", PASSWORD, alg="p256")
+        token = _csc_token(server, "w2")
+        cred = credential_for(enrollment, "9c")
+        # Several connections, so both workers' HSM sessions sign.
+        for _ in range(4):
+            with httpx.Client(base_url=server.url, verify=ca_context(data), timeout=60) as http:
+                auth = http.post(
+                    "/csc/v2/credentials/authorize",
+                    json={"credentialID": cred, "numSignatures": 1, "hashes": [DIGEST],
+                          "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1", "PIN": enrollment["pin"]},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert auth.status_code == 200, auth.text
+                signed = http.post(
+                    "/csc/v2/signatures/signHash",
+                    json={"credentialID": cred, "SAD": auth.json()["SAD"], "hashes": [DIGEST],
+                          "signAlgo": "1.2.840.10045.4.3.2"},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert signed.status_code == 200, signed.text
+    finally:
+        rc = server.stop()
+    assert rc == 0, server.log()
+    assert not (data / "server.url").exists()
