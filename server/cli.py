@@ -370,8 +370,11 @@ def enroll(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Generate NAME's 9A/9C/9D/9E keys and certificates, initial PIN and PUK, TOTP secret and
-    a one-time enrollment code, and print them (once)."""
+    """Enroll NAME: 9A/9C/9D/9E keys and certificates, PIN, PUK, TOTP, enrollment code.
+
+    The keys are generated in the HSM; the secrets are printed once, with a QR code of the
+    otpauth URI for an authenticator app.
+    """
     result = _client(ctx).enroll(name, alg=alg.value, otp_per_signature=otp_per_signature)
     missing = [k for k in ENROLL_JSON_KEYS if k not in result]
     if missing:
