@@ -166,3 +166,13 @@ def run(*args: str | Path, ok: bool = True, input: bytes | None = None) -> str:
 def pkcs11(*args: str | Path, ok: bool = True) -> str:
     """pkcs11-tool on OpenSC's module."""
     return run("pkcs11-tool", "--module", PKCS11, *args, ok=ok)
+
+
+def pkcs11_sign(key_id: str, mechanism: str, data: Path, sig: Path) -> str:
+    """Log in with the default PIN and sign ``data`` with OpenSC's key ``key_id`` into ``sig``;
+    ECDSA signatures come out DER-encoded, as openssl verifies them."""
+    extra = ["--signature-format", "openssl"] if mechanism.startswith("ECDSA") else []
+    return pkcs11(
+        "--login", "--pin", PIN, "--sign", "--id", key_id, "-m", mechanism,
+        "-i", data, "-o", sig, *extra,
+    )  # fmt: skip

@@ -17,7 +17,7 @@ from pcsc_stack import (
     card_present,
     card_ready,
     make_card,
-    pkcs11,
+    pkcs11_sign,
     wait_for,
 )
 
@@ -75,20 +75,7 @@ def test_run_traces_apdus_without_secrets(card_slot: CardSlot, tmp_path: Path) -
         )
     try:
         wait_for(card_ready, "the traced card")
-        pkcs11(
-            "--login",
-            "--pin",
-            PIN,
-            "--sign",
-            "--id",
-            "01",
-            "-m",
-            "ECDSA-SHA256",
-            "-i",
-            "/etc/hostname",
-            "-o",
-            str(tmp_path / "sig"),
-        )
+        pkcs11_sign("01", "ECDSA-SHA256", Path("/etc/hostname"), tmp_path / "sig")
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from pcsc_stack import PIN, PKCS11, SoftCard, pkcs11, run
+from pcsc_stack import PIN, PKCS11, SoftCard, pkcs11_sign, run
 
 from vcard.constants import Slot
 from vcard.softkeys import SoftKeyBackend
@@ -139,22 +139,7 @@ def test_yubico_piv_tool_provisions_a_slot_and_opensc_signs(
     data, sig = tmp_path / "data", tmp_path / "sig"
     data.write_bytes(b"signed with a key yubico-piv-tool generated")
     mechanism = "ECDSA-SHA256" if algorithm == "ECCP256" else "SHA256-RSA-PKCS"
-    extra = ["--signature-format", "openssl"] if algorithm == "ECCP256" else []
-    pkcs11(
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        mechanism,
-        "-i",
-        data,
-        "-o",
-        sig,
-        *extra,
-    )
+    pkcs11_sign("01", mechanism, data, sig)
     out = run("openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data)
     assert "Verified OK" in out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pcsc_stack import PIN, PKCS11_ID, SoftCard, pkcs11, run
+from pcsc_stack import PIN, PKCS11_ID, SoftCard, pkcs11, pkcs11_sign, run
 
 from vcard.constants import Slot
 
@@ -35,25 +35,11 @@ def test_list_objects_shows_four_certificates_and_private_keys(soft_card: SoftCa
         assert f"RSA {soft_card.key_type.bit_len} bits" in out
 
 
-def _sign(card: SoftCard, slot: Slot, mechanism: str, tmp_path: Path, *extra: str) -> bool:
+def _sign(card: SoftCard, slot: Slot, mechanism: str, tmp_path: Path) -> bool:
     data = tmp_path / "data.bin"
     data.write_bytes(b"cardbridge signs this " + bytes(range(64)))
     sig = tmp_path / f"sig-{slot.value:02x}-{mechanism}.bin"
-    pkcs11(
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        PKCS11_ID[slot],
-        "-m",
-        mechanism,
-        "-i",
-        data,
-        "-o",
-        sig,
-        *extra,
-    )
+    pkcs11_sign(PKCS11_ID[slot], mechanism, data, sig)
     pub = card.pubkey_pem(slot, tmp_path)
     sigopts: list[str] = []
     if "PSS" in mechanism:
@@ -68,7 +54,7 @@ def test_signatures_verify_with_openssl(soft_card: SoftCard, slot: Slot, tmp_pat
         assert _sign(soft_card, slot, "SHA256-RSA-PKCS", tmp_path)
         assert _sign(soft_card, slot, "SHA256-RSA-PKCS-PSS", tmp_path)
     else:
-        assert _sign(soft_card, slot, "ECDSA-SHA256", tmp_path, "--signature-format", "openssl")
+        assert _sign(soft_card, slot, "ECDSA-SHA256", tmp_path)
 
 
 def test_wrong_signature_is_rejected_by_openssl(soft_card: SoftCard, tmp_path: Path) -> None:
@@ -77,22 +63,7 @@ def test_wrong_signature_is_rejected_by_openssl(soft_card: SoftCard, tmp_path: P
     data.write_bytes(b"payload")
     sig = tmp_path / "sig.bin"
     mechanism = "SHA256-RSA-PKCS" if soft_card.key_type.is_rsa else "ECDSA-SHA256"
-    extra = [] if soft_card.key_type.is_rsa else ["--signature-format", "openssl"]
-    pkcs11(
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        mechanism,
-        "-i",
-        data,
-        "-o",
-        sig,
-        *extra,
-    )
+    pkcs11_sign("01", mechanism, data, sig)
     other = soft_card.pubkey_pem(Slot.CARD_AUTH, tmp_path)
     out = run("openssl", "dgst", "-sha256", "-verify", other, "-signature", sig, data, ok=False)
     assert "Verification failure" in out
