@@ -210,8 +210,9 @@ def _reorder(con: sqlite3.Connection, seq: int) -> Any:
 def test_tampered_audit_log_fails_verify_and_names_the_record(
     server: LiveServer, tamper: Any
 ) -> None:
-    server.admin("user", "add", f"audit-{tamper.__name__[1:]}", "--password-stdin",
-                 input=PASSWORD + "\n")
+    for i in range(3):  # enough records of our own, whatever ran before
+        server.admin("user", "add", f"audit-{tamper.__name__[1:]}-{i}", "--password-stdin",
+                     input=PASSWORD + "\n")
     assert server.admin("audit", "verify").returncode == 0
     con = _db(server.data)
     try:
