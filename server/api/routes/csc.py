@@ -17,7 +17,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Response
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import BasicDep, CurrentUser, HsmDep, SessionDep, SettingsDep
+from server.api.deps import (
+    BasicDep,
+    CurrentUser,
+    HsmDep,
+    SessionDep,
+    SettingsDep,
+    TokenDep,
+    require_user,
+)
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
 from server.models import Credential
@@ -302,10 +310,15 @@ def _router(version: Version) -> APIRouter:
         return CscAuthorizeResponse(SAD=grant.sad, expiresIn=grant.expires_in)
 
     @router.post("/signatures/signHash", response_model_exclude_none=True)
-    def sign_hash(
-        session: SessionDep, hsm: HsmDep, user: CurrentUser, body: CscSignHashRequest
+    async def sign_hash(
+        session: SessionDep, hsm: HsmDep, token: TokenDep, body: CscSignHashRequest
     ) -> CscSignHashResponse:
         """Spend the SAD and sign each digest; signatures in input order, standard base64."""
+        # The hot path runs on the worker's event loop, token check included, not in the
+        # thread pool: a worker's signatures queue on its one HSM session and its SQLite
+        # writes on the database lock anyway, and the hand-offs to pool threads (and the GIL
+        # contention among them) cost more CPU than the signing itself (scripts/bench-server).
+        user = require_user(tokens.authenticate(session, token))
         signatures = signing.sign_hash(
             session,
             hsm,
