@@ -36,12 +36,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a 30 s busy timeout."""
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a 30 s busy timeout.
+
+    Only PostgreSQL connections are pinged when taken from the pool (a server restart drops
+    them); a SQLite file connection cannot go stale, so it skips the extra statement.
+    """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
-        )
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

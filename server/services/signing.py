@@ -125,7 +125,11 @@ def _user(session: Session, principal: Principal) -> User:
 
 
 def _check_not_blocked(user: User) -> None:
-    if user.pin_hash is not None and user.pin_retries <= 0:
+    _refuse_blocked_pin(user.pin_hash is not None, user.pin_retries)
+
+
+def _refuse_blocked_pin(has_pin: bool, pin_retries: int) -> None:
+    if has_pin and pin_retries <= 0:
         raise PinBlocked("PIN blocked")
 
 
@@ -138,7 +142,11 @@ def csc_credentials(session: Session, principal: Principal) -> list[Credential]:
 
 
 def _is_csc(cred: Credential) -> bool:
-    return cred.slot in CSC_SLOTS and bool(key_algos(KeyAlg(cred.alg)))
+    return _offered_by_csc(cred.slot, KeyAlg(cred.alg))
+
+
+def _offered_by_csc(slot: str, alg: KeyAlg) -> bool:
+    return slot in CSC_SLOTS and bool(key_algos(alg))
 
 
 def csc_credential(session: Session, principal: Principal, credential_id: str) -> Credential:
@@ -289,9 +297,11 @@ def sign_hash(
     :raises InvalidRequest: unsupported or inconsistent algorithms, bad digest lengths.
     :raises PinBlocked: the owner's PIN was blocked after the SAD was issued.
     """
-    cred = csc_credential(session, principal, credential_id)
-    _check_not_blocked(cred.user)
-    ref = credentials.key_ref(cred)
+    cred = credentials.key_use_for_user(session, _user_id(principal), credential_id)
+    if not _offered_by_csc(cred.slot, cred.key.alg):
+        raise NotFound("unknown credentialID")
+    _refuse_blocked_pin(cred.has_pin, cred.pin_retries)
+    ref = cred.key
     plan = _sign_plan(ref.alg, sign_algo_oid, hash_oid, sign_algo_params)
     for digest in hashes:
         check_digest_length(digest, plan.hash)
