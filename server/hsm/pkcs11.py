@@ -8,20 +8,28 @@ session per (module, token) that all :class:`Hsm` handles of the process share. 
 pool cannot help: measured here, two threads signing on two sessions of SoftHSM2 without the
 lock fail with CKR_GENERAL_ERROR.
 
+SoftHSM2 keeps a token in files that a login rewrites, and another process reading them at that
+moment gets CKR_GENERAL_ERROR. :meth:`Hsm.open` therefore logs in under an exclusive lock file
+next to ``SOFTHSM2_CONF`` (several ``server run`` workers start together) and retries an open
+that still fails with CKR_GENERAL_ERROR a few times (a writer that takes no lock).
+
 This module is the one place where ``PKCS11Error`` becomes a :mod:`server.errors` error.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import pkcs11
@@ -105,6 +113,45 @@ _SESSION_LOST: Final[tuple[type[p11e.PKCS11Error], ...]] = (
 )
 
 
+def _login(token: Any, pin: str) -> Any:
+    """A new read-write session on ``token``, logged in as the user (the login state is shared
+    by the sessions of a process, so a second login is not an error)."""
+    try:
+        return token.open(rw=True, user_pin=pin)
+    except p11e.UserAlreadyLoggedIn:
+        return token.open(rw=True)
+
+
+OPEN_ATTEMPTS: Final = 5
+"""Tries of :meth:`Hsm.open` when the module answers CKR_GENERAL_ERROR (a concurrent writer)."""
+_OPEN_BACKOFF: Final = 0.05
+LOCK_FILE: Final = ".cardbridge-hsm.lock"
+"""Created next to ``SOFTHSM2_CONF``; held while a process opens the token and logs in."""
+
+
+@contextmanager
+def _token_files_lock(conf: str | None) -> Iterator[None]:
+    """Hold the cross-process lock of the SoftHSM2 token store named by ``conf``.
+
+    No lock without ``SOFTHSM2_CONF`` (another vendor's module) or where the lock file cannot
+    be created (a read-only system-wide configuration): :meth:`Hsm.open` still retries then.
+    """
+    if conf is None:
+        yield
+        return
+    try:
+        fd = os.open(Path(conf).parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        log.debug("no HSM lock file next to %s; opening without it", conf, exc_info=True)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class _SharedSession:
     """The logged-in session of one (module, token) in this process, and its lock.
 
@@ -112,12 +159,15 @@ class _SharedSession:
     the next operation logs in again on a new one (the failed operation is not retried).
     """
 
-    def __init__(self, token: Any, pin: str, lock: threading.Lock) -> None:
+    def __init__(
+        self, token: Any, session: Any, pin: str, conf: str | None, lock: threading.Lock
+    ) -> None:
         self.token = token
         self.pin = pin
+        self.conf = conf
         self.pin_digest = _pin_digest(pin)
         self.lock = lock
-        self.session = token.open(rw=True, user_pin=pin)
+        self.session = session
         self.stale = False
         self.users = 0
         self.private: dict[str, Any] = {}
@@ -130,10 +180,8 @@ class _SharedSession:
         except p11e.PKCS11Error:
             log.debug("closing the lost HSM session failed", exc_info=True)
         self.private.clear()
-        try:
-            self.session = self.token.open(rw=True, user_pin=self.pin)
-        except p11e.UserAlreadyLoggedIn:
-            self.session = self.token.open(rw=True)
+        with _token_files_lock(self.conf):
+            self.session = _login(self.token, self.pin)
         self.stale = False
         log.warning("the HSM session was lost; logged in again")
 
@@ -200,6 +248,8 @@ class Hsm:
         ``SOFTHSM2_CONF`` (and its token directory) only when the module is initialised, so
         the module is re-initialised when that variable has changed or the token appeared
         later; that is refused while another session of this process is open on the module.
+        The login is serialised with other processes' and retried on CKR_GENERAL_ERROR (see
+        the module's docstring).
         """
         conf = os.environ.get("SOFTHSM2_CONF")
         key = (module_path, conf, token_label)
@@ -211,12 +261,29 @@ class Hsm:
             else:
                 lock = _module_locks.setdefault(module_path, threading.Lock())
                 with lock:
-                    lib = pkcs11.lib(module_path)
-                    token = cls._find_token(lib, module_path, conf, token_label)
-                    shared = _SharedSession(token, pin, lock)
+                    shared = cls._open_shared(module_path, conf, token_label, pin, lock)
                 _sessions[key] = shared
             shared.users += 1
         return cls(shared, key)
+
+    @classmethod
+    def _open_shared(
+        cls, module_path: str, conf: str | None, token_label: str, pin: str, lock: threading.Lock
+    ) -> _SharedSession:
+        """Find the token and log in under the cross-process lock, retrying a general error."""
+        attempt = 1
+        while True:
+            try:
+                with _token_files_lock(conf):
+                    lib = pkcs11.lib(module_path)
+                    token = cls._find_token(lib, module_path, conf, token_label)
+                    return _SharedSession(token, _login(token, pin), pin, conf, lock)
+            except p11e.GeneralError:
+                if attempt == OPEN_ATTEMPTS:
+                    raise
+                log.warning("opening the HSM token failed [GeneralError]; retrying")
+                time.sleep(_OPEN_BACKOFF * attempt)
+                attempt += 1
 
     @staticmethod
     def _find_token(lib: Any, module_path: str, conf: str | None, token_label: str) -> Any:
