@@ -1,13 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """Server-side PIN and PUK (DESIGN.md rules 2 and 5; SP 800-73-4 Pt 2 §3.2 VERIFY/RESET RETRY).
 
-Every attempt first *spends* a try in one guarded ``UPDATE ... WHERE retries > 0`` (a row lock
-on PostgreSQL, the write lock on SQLite, held until commit), then checks the argon2id hash; a
-correct value restores the counter. Concurrent wrong PINs therefore each cost one try, and no
-number of parallel guesses gets more tries than the counter allows. Counters live in the
-database, so they survive restarts. The counters are only ever changed by SQL, never through
-the ORM object (a stale attribute flushed later would undo a concurrent decrement); the
-object is then brought up to date without being marked dirty (:func:`_mirror`).
+An attempt reads the counter and the argon2id hash, ends that read transaction, and checks the
+value with no transaction open: argon2id takes tens of milliseconds, and holding SQLite's
+database-wide write lock (or a PostgreSQL row lock) meanwhile queued every other writer behind
+it. The outcome is then applied in one guarded statement, which is where the attempt takes
+its place among concurrent ones:
+
+- a wrong value spends a try: ``UPDATE ... SET retries = retries - 1 WHERE retries > 0``;
+- a correct value resets the counter: ``UPDATE ... WHERE retries > 0 AND hash = <checked>``.
+  When that matches no row the counter reached 0 meanwhile (a blocked PIN stays blocked) or
+  the value was replaced (the old one no longer counts): the attempt is then a wrong one.
+
+Concurrent wrong PINs therefore each cost one try, a correct PIN is never refused because
+other checks are in flight, and no outcome is revealed once the counter is 0: however many
+guesses run in parallel, at most ``retries`` wrong ones are ever answered. The audit record is
+written in the transaction that changes the counter. Counters live in the database, so they
+survive restarts. They are only ever changed by SQL, never through the ORM object (a stale
+attribute flushed later would undo a concurrent decrement); the object is then brought up to
+date without being marked dirty (:func:`_mirror`).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from server.config import Policy
+from server.db import affected
 from server.errors import Forbidden, InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
 from server.models import User
 from server.services import audit
@@ -71,20 +83,46 @@ def set_initial(user: User, pin: str, puk: str, policy: Policy) -> None:
     user.puk_retries = policy.puk_tries
 
 
-def _spend_try(
+def _current(
     session: Session,
     user: User,
     counter: InstrumentedAttribute[int],
     stored: InstrumentedAttribute[str | None],
-) -> tuple[int, str] | None:
+) -> tuple[int, str | None]:
+    """The counter and hash as committed now; ends the transaction so no lock is held after."""
+    row = session.execute(select(counter, stored).where(User.id == user.id)).one()
+    session.commit()
+    return int(row[0]), row[1]
+
+
+def _spend_try(session: Session, user: User, counter: InstrumentedAttribute[int]) -> int | None:
+    """Count a wrong value: the tries left, or None when none were left (nothing changed)."""
     row = session.execute(
         update(User)
-        .where(User.id == user.id, counter > 0, stored.is_not(None))
+        .where(User.id == user.id, counter > 0)
         .values({counter.key: counter - 1})
-        .returning(counter, stored)
+        .returning(counter)
         .execution_options(synchronize_session=False)
     ).one_or_none()
-    return None if row is None else (int(row[0]), str(row[1]))
+    return None if row is None else int(row[0])
+
+
+def _accept(
+    session: Session,
+    user: User,
+    counter: InstrumentedAttribute[int],
+    stored: InstrumentedAttribute[str | None],
+    checked: str,
+    values: dict[str, object],
+) -> bool:
+    """Apply a correct value's ``values`` unless the counter is 0 or ``checked`` was replaced."""
+    result = session.execute(
+        update(User)
+        .where(User.id == user.id, counter > 0, stored == checked)
+        .values(values)
+        .execution_options(synchronize_session=False)
+    )
+    return affected(result) == 1
 
 
 def _mirror(user: User, **values: object) -> None:
@@ -93,13 +131,18 @@ def _mirror(user: User, **values: object) -> None:
         set_committed_value(user, name, value)
 
 
-def _set_pin(session: Session, user: User, pin: str, policy: Policy) -> None:
-    """Store a new PIN and reset both counters (caller audits and commits)."""
-    values = {
+def _new_pin(pin: str, policy: Policy) -> dict[str, object]:
+    """The columns of a new PIN with both counters reset (hashes it: call with no transaction)."""
+    return {
         "pin_hash": hash_secret(pin),
         "pin_retries": policy.pin_tries,
         "puk_retries": policy.puk_tries,
     }
+
+
+def _set_pin(session: Session, user: User, pin: str, policy: Policy) -> None:
+    """Store a new PIN and reset both counters (caller audits and commits)."""
+    values = _new_pin(pin, policy)
     session.execute(
         update(User)
         .where(User.id == user.id)
@@ -123,41 +166,39 @@ def verify(
     :raises PinBlocked: no tries left; nothing was checked.
     """
     actor = actor or f"user:{user.name}"
+    subject = f"user:{user.name}"
     _require_pin_set(user)
-    spent = _spend_try(session, user, User.pin_retries, User.pin_hash)
-    if spent is None:
-        audit.append(
-            session,
-            actor=actor,
-            event=audit.Event.PIN_FAILED,
-            subject=f"user:{user.name}",
-            details={"blocked": True},
-        )
-        session.commit()
-        _mirror(user, pin_retries=0)
-        raise PinBlocked("PIN blocked")
-    left, stored = spent
-    if verify_secret(stored, pin):
-        session.execute(
-            update(User)
-            .where(User.id == user.id)
-            .values(pin_retries=policy.pin_tries)
-            .execution_options(synchronize_session=False)
-        )
-        audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=f"user:{user.name}")
-        session.commit()
-        _mirror(user, pin_retries=policy.pin_tries)
-        return
+    left, stored = _current(session, user, User.pin_retries, User.pin_hash)
+    if left > 0 and stored is not None:
+        restored: dict[str, object] = {"pin_retries": policy.pin_tries}
+        ok = verify_secret(stored, pin)
+        if ok and _accept(session, user, User.pin_retries, User.pin_hash, stored, restored):
+            audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=subject)
+            session.commit()
+            _mirror(user, **restored)
+            return
+        spent = _spend_try(session, user, User.pin_retries)
+        if spent is not None:
+            audit.append(
+                session,
+                actor=actor,
+                event=audit.Event.PIN_FAILED,
+                subject=subject,
+                details={"retries": spent},
+            )
+            session.commit()
+            _mirror(user, pin_retries=spent)
+            raise PinIncorrect(spent)
     audit.append(
         session,
         actor=actor,
         event=audit.Event.PIN_FAILED,
-        subject=f"user:{user.name}",
-        details={"retries": left},
+        subject=subject,
+        details={"blocked": True},
     )
     session.commit()
-    _mirror(user, pin_retries=left)
-    raise PinIncorrect(left)
+    _mirror(user, pin_retries=0)
+    raise PinBlocked("PIN blocked")
 
 
 def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Policy) -> None:
@@ -183,33 +224,38 @@ def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy
     validate_pin(new_pin)
     _require_pin_set(user)
     actor, subject = f"user:{user.name}", f"user:{user.name}"
-    spent = _spend_try(session, user, User.puk_retries, User.puk_hash)
-    if spent is None:
-        audit.append(
-            session,
-            actor=actor,
-            event=audit.Event.PIN_UNBLOCK_FAILED,
-            subject=subject,
-            details={"blocked": True},
-        )
-        session.commit()
-        _mirror(user, puk_retries=0)
-        raise PinBlocked("PUK blocked")
-    left, stored = spent
-    if not verify_secret(stored, puk):
-        audit.append(
-            session,
-            actor=actor,
-            event=audit.Event.PIN_UNBLOCK_FAILED,
-            subject=subject,
-            details={"retries": left},
-        )
-        session.commit()
-        _mirror(user, puk_retries=left)
-        raise PukIncorrect(left)
-    _set_pin(session, user, new_pin, policy)
-    audit.append(session, actor=actor, event=audit.Event.PIN_UNBLOCK, subject=subject)
+    left, stored = _current(session, user, User.puk_retries, User.puk_hash)
+    if left > 0 and stored is not None:
+        values = _new_pin(new_pin, policy) if verify_secret(stored, puk) else None
+        if values is not None and _accept(
+            session, user, User.puk_retries, User.puk_hash, stored, values
+        ):
+            audit.append(session, actor=actor, event=audit.Event.PIN_UNBLOCK, subject=subject)
+            session.commit()
+            _mirror(user, **values)
+            return
+        spent = _spend_try(session, user, User.puk_retries)
+        if spent is not None:
+            audit.append(
+                session,
+                actor=actor,
+                event=audit.Event.PIN_UNBLOCK_FAILED,
+                subject=subject,
+                details={"retries": spent},
+            )
+            session.commit()
+            _mirror(user, puk_retries=spent)
+            raise PukIncorrect(spent)
+    audit.append(
+        session,
+        actor=actor,
+        event=audit.Event.PIN_UNBLOCK_FAILED,
+        subject=subject,
+        details={"blocked": True},
+    )
     session.commit()
+    _mirror(user, puk_retries=0)
+    raise PinBlocked("PUK blocked")
 
 
 def admin_unblock(
