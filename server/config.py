@@ -33,6 +33,8 @@ class Policy(BaseModel):
     pin_tries: int = Field(default=3, ge=1, le=15)
     puk_tries: int = Field(default=3, ge=1, le=15)
     otp_max_failures: int = Field(default=5, ge=1)
+    """Failed authentications (wrong passwords and one-time passwords together) a user may
+    have within ``otp_window``; further attempts are refused unchecked (rule 6)."""
     otp_window: int = Field(default=5 * 60, gt=0)
     pin_always: bool = True
     """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """TOTP second factor (RFC 6238 via pyotp) with replay and rate limits (DESIGN.md rule 6).
 
-Each attempt first *reserves* a failure in one guarded ``UPDATE`` (refused once
-``otp_max_failures`` failures fall within ``otp_window``), so parallel guesses cannot exceed the
-limit; a correct code gives the reservation back. A time step is accepted once per user: the
-``UPDATE`` that records it requires ``otp_last_step < step``.
+A user's failed authentications, wrong one-time passwords and wrong passwords alike
+(:func:`server.services.users.authenticate_password`), share one budget: at most
+``otp_max_failures`` within ``otp_window``, counted by :func:`count_failure` in one guarded
+``UPDATE`` so parallel guesses cannot exceed it. Each OTP attempt first *reserves* a failure
+that way and a correct code gives the reservation back. A time step is accepted once per user:
+the ``UPDATE`` that records it requires ``otp_last_step < step``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import datetime, timedelta
 from urllib.parse import quote
 
 import pyotp
-from sqlalchemy import case, or_, update
+from sqlalchemy import ColumnElement, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -28,6 +30,7 @@ DIGITS = 6
 STEP = 30
 DRIFT_STEPS = 1
 """Codes of the previous and next time step are accepted too (clock drift)."""
+RATE_LIMITED = "too many failed authentications; try again later"
 
 
 def new_secret(user: User) -> str:
@@ -59,6 +62,42 @@ def _matching_step(secret: str, code: str, now: datetime) -> int | None:
     return match
 
 
+def _new_window(policy: Policy, now: datetime) -> ColumnElement[bool]:
+    cutoff = now - timedelta(seconds=policy.otp_window)
+    return or_(User.otp_window_start.is_(None), User.otp_window_start < cutoff)
+
+
+def _has_room(policy: Policy, now: datetime) -> ColumnElement[bool]:
+    return or_(_new_window(policy, now), User.otp_failures < policy.otp_max_failures)
+
+
+def count_failure(
+    session: Session, user_id: int, policy: Policy, *, now: datetime | None = None
+) -> bool:
+    """Count one failed authentication of the user in one guarded ``UPDATE`` (caller commits).
+
+    False, with nothing counted, when the budget is exhausted: the caller raises RateLimited.
+    """
+    now = now or utcnow()
+    new_window = _new_window(policy, now)
+    counted = session.execute(
+        update(User)
+        .where(User.id == user_id, _has_room(policy, now))
+        .values(
+            otp_failures=case((new_window, 1), else_=User.otp_failures + 1),
+            otp_window_start=case((new_window, now), else_=User.otp_window_start),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return affected(counted) == 1
+
+
+def may_fail(session: Session, user_id: int, policy: Policy) -> bool:
+    """Whether the user's failure budget has room now (a read; nothing is counted)."""
+    found = session.scalar(select(User.id).where(User.id == user_id, _has_room(policy, utcnow())))
+    return found is not None
+
+
 def verify(
     session: Session,
     user: User,
@@ -74,23 +113,9 @@ def verify(
     :raises InvalidOtp: wrong code, a step already used, or no TOTP secret.
     """
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=policy.otp_window)
-    new_window = or_(User.otp_window_start.is_(None), User.otp_window_start < cutoff)
-    reserved = affected(
-        session.execute(
-            update(User)
-            .where(User.id == user.id)
-            .where(or_(new_window, User.otp_failures < policy.otp_max_failures))
-            .values(
-                otp_failures=case((new_window, 1), else_=User.otp_failures + 1),
-                otp_window_start=case((new_window, now), else_=User.otp_window_start),
-            )
-            .execution_options(synchronize_session=False)
-        )
-    )
-    if reserved != 1:
+    if not count_failure(session, user.id, policy, now=now):
         session.rollback()
-        raise RateLimited("too many failed one-time passwords; try again later")
+        raise RateLimited(RATE_LIMITED)
     step = _matching_step(user.otp_secret, code, now) if user.otp_secret else None
     if step is not None:
         accepted = affected(

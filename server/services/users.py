@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The built-in user store: add, list, disable, password check (argon2id, rule 5)."""
+"""The built-in user store: add, list, disable, password check (argon2id, rules 5 and 6)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from server.config import Policy
+from server.errors import Conflict, InvalidRequest, NotFound, RateLimited, Unauthorized
 from server.models import AuthToken, Sad, User
-from server.services import audit
+from server.services import audit, otp
 from server.services.hashing import hash_secret, verify_secret
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 8
+_DEFAULT_POLICY = Policy()
 
 
 def validate_name(name: str) -> str:
@@ -103,15 +105,37 @@ def disable_user(session: Session, name: str, *, actor: str = "admin") -> User:
     return user
 
 
-def authenticate_password(session: Session, name: str, password: str) -> User:
+def authenticate_password(
+    session: Session, name: str, password: str, *, policy: Policy = _DEFAULT_POLICY
+) -> User:
     """The enabled user ``name`` whose password is ``password``.
 
-    Costs one argon2id verification whatever the outcome (no user-enumeration timing).
+    Costs one argon2id verification, run with no transaction open, whatever the outcome for a
+    name that exists or not (no user-enumeration timing). A wrong password of an existing
+    user counts against the user's failure budget (:func:`server.services.otp.count_failure`,
+    rule 6); while that is exhausted nothing is checked. The outcome takes its place among
+    concurrent attempts when it is applied: a correct password is refused too if failures
+    counted meanwhile exhausted the budget.
 
+    :raises RateLimited: too many failed authentications of this user in the window.
     :raises Unauthorized: unknown user, disabled, no password set or wrong password.
     """
     user = session.scalar(select(User).where(User.name == name))
+    if user is not None and not otp.may_fail(session, user.id, policy):
+        session.rollback()
+        raise RateLimited(otp.RATE_LIMITED)
+    session.commit()
     ok = verify_secret(user.password_hash if user else None, password)
-    if user is None or not ok or user.disabled:
+    if user is None:
+        raise Unauthorized("invalid user name or password")
+    if not ok:
+        counted = otp.count_failure(session, user.id, policy)
+        session.commit()
+        if not counted:
+            raise RateLimited(otp.RATE_LIMITED)
+        raise Unauthorized("invalid user name or password")
+    if not otp.may_fail(session, user.id, policy):
+        raise RateLimited(otp.RATE_LIMITED)
+    if user.disabled:
         raise Unauthorized("invalid user name or password")
     return user

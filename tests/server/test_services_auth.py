@@ -9,7 +9,8 @@ import pyotp
 import pytest
 from conftest import PASSWORD, MakeUser, totp_now
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from test_services_concurrency import run_together
 
 from server.config import Policy
 from server.errors import Conflict, InvalidOtp, InvalidRequest, RateLimited, Unauthorized
@@ -152,3 +153,89 @@ def test_admin_token(session: Session) -> None:
     assert token not in stored
     with pytest.raises(Unauthorized):
         tokens.authenticate(session, token + "x")
+
+
+def test_wrong_passwords_are_rate_limited(
+    session: Session, make_user: MakeUser, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = make_user()
+    for _ in range(policy.otp_max_failures):
+        with pytest.raises(Unauthorized):
+            users.authenticate_password(session, "alice", "wrong password", policy=policy)
+    checked: list[str] = []
+    monkeypatch.setattr(users, "verify_secret", lambda stored, value: checked.append(value))
+    with pytest.raises(RateLimited) as e:  # the right password is not even checked now
+        users.authenticate_password(session, "alice", PASSWORD, policy=policy)
+    assert (e.value.code, e.value.status, checked) == ("rate_limited", 429, [])
+    with pytest.raises(RateLimited):
+        tokens.login(session, policy, "alice", PASSWORD, totp_now(user))
+    monkeypatch.undo()
+    window_start = utcnow() - timedelta(seconds=policy.otp_window + 1)
+    session.execute(update(User).values(otp_window_start=window_start))
+    session.commit()
+    assert users.authenticate_password(session, "alice", PASSWORD, policy=policy).id == user.id
+
+
+def test_a_correct_password_counts_no_failure(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    make_user()
+    for _ in range(policy.otp_max_failures - 1):
+        with pytest.raises(Unauthorized):
+            users.authenticate_password(session, "alice", "wrong password", policy=policy)
+    users.authenticate_password(session, "alice", PASSWORD, policy=policy)
+    with pytest.raises(Unauthorized):  # the last failure the budget allows
+        users.authenticate_password(session, "alice", "wrong password", policy=policy)
+    with pytest.raises(RateLimited):
+        users.authenticate_password(session, "alice", PASSWORD, policy=policy)
+
+
+def test_passwords_and_otps_share_one_failure_budget(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    for _ in range(policy.otp_max_failures - 1):
+        with pytest.raises(Unauthorized):
+            users.authenticate_password(session, "alice", "wrong password", policy=policy)
+    with pytest.raises(InvalidOtp):
+        otp.verify(session, user, "abcdef", policy)
+    with pytest.raises(RateLimited):
+        otp.verify(session, user, totp_now(user), policy)
+
+
+def test_unknown_users_cost_one_argon2_check_and_are_never_rate_limited(
+    session: Session, make_user: MakeUser, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_user()
+    real_verify, checked = users.verify_secret, []
+
+    def counting(stored: str | None, value: str) -> bool:
+        checked.append(stored)
+        return real_verify(stored, value)
+
+    monkeypatch.setattr(users, "verify_secret", counting)
+    for _ in range(policy.otp_max_failures + 2):
+        with pytest.raises(Unauthorized):
+            users.authenticate_password(session, "nobody", PASSWORD, policy=policy)
+    assert checked == [None] * (policy.otp_max_failures + 2)  # each one ran argon2 (dummy hash)
+
+
+def test_parallel_wrong_passwords_cannot_exceed_the_limit(
+    sessions: sessionmaker[Session], make_user: MakeUser, policy: Policy
+) -> None:
+    make_user()
+    threads = 4
+
+    def guess(_: int) -> list[str]:
+        seen = []
+        with sessions() as s:
+            for _ in range(policy.otp_max_failures):
+                try:
+                    users.authenticate_password(s, "alice", "wrong password", policy=policy)
+                except (Unauthorized, RateLimited) as e:
+                    seen.append(e.code)
+        return seen
+
+    codes = [c for r in run_together(guess, threads) for c in r]  # type: ignore[union-attr]
+    assert codes.count("unauthorized") == policy.otp_max_failures
+    assert codes.count("rate_limited") == (threads - 1) * policy.otp_max_failures
