@@ -115,7 +115,7 @@ def login(
 
     :raises Unauthorized: bad user name or password.
     :raises InvalidOtp: missing, wrong or reused OTP.
-    :raises RateLimited: too many OTP failures.
+    :raises RateLimited: too many failed passwords or OTPs of this user.
     """
 
     def failed(reason: str) -> None:
@@ -128,9 +128,9 @@ def login(
         )
 
     try:
-        user = users.authenticate_password(session, name, password)
-    except Unauthorized:
-        failed("password")
+        user = users.authenticate_password(session, name, password, policy=policy)
+    except (Unauthorized, RateLimited) as e:
+        failed("password" if isinstance(e, Unauthorized) else e.code)
         raise
     if otp_code is None and require_otp:
         failed("otp missing")

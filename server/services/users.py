@@ -17,7 +17,6 @@ from server.services.hashing import hash_secret, verify_secret
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 8
-_DEFAULT_POLICY = Policy()
 
 
 def validate_name(name: str) -> str:
@@ -106,7 +105,7 @@ def disable_user(session: Session, name: str, *, actor: str = "admin") -> User:
 
 
 def authenticate_password(
-    session: Session, name: str, password: str, *, policy: Policy = _DEFAULT_POLICY
+    session: Session, name: str, password: str, *, policy: Policy
 ) -> User:
     """The enabled user ``name`` whose password is ``password``.
 

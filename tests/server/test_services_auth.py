@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pyotp
@@ -28,10 +29,10 @@ def test_add_list_disable(session: Session) -> None:
         users.add_user(session, "bad name")
     with pytest.raises(InvalidRequest):
         users.add_user(session, "carl", password="short")
-    users.authenticate_password(session, "bob", "long enough pw")
+    users.authenticate_password(session, "bob", "long enough pw", policy=Policy())
     users.disable_user(session, "bob")
     with pytest.raises(Unauthorized):
-        users.authenticate_password(session, "bob", "long enough pw")
+        users.authenticate_password(session, "bob", "long enough pw", policy=Policy())
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_password_failures(session: Session, make_user: MakeUser, name: str, pas
     make_user()
     users.add_user(session, "amy")  # no password: cannot log in by password
     with pytest.raises(Unauthorized):
-        users.authenticate_password(session, name, password)
+        users.authenticate_password(session, name, password, policy=Policy())
     with pytest.raises(Unauthorized):
         tokens.login(session, Policy(), name, password, "000000")
     last = session.scalars(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()
@@ -174,6 +175,26 @@ def test_wrong_passwords_are_rate_limited(
     session.execute(update(User).values(otp_window_start=window_start))
     session.commit()
     assert users.authenticate_password(session, "alice", PASSWORD, policy=policy).id == user.id
+
+
+def test_login_applies_the_servers_policy_and_audits_refusals(
+    session: Session, make_user: MakeUser
+) -> None:
+    """tokens.login counts password failures against the configured budget, not a default,
+    and a refusal for the rate limit is audited like any failed login."""
+    user = make_user()
+    strict = Policy(otp_max_failures=2)
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            tokens.login(session, strict, "alice", "wrong password", totp_now(user))
+    with pytest.raises(RateLimited):
+        tokens.login(session, strict, "alice", PASSWORD, totp_now(user))
+    last = session.scalars(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()
+    assert last is not None
+    assert (last.event, json.loads(last.details)) == (
+        audit.Event.LOGIN_FAILED,
+        {"reason": "rate_limited"},
+    )
 
 
 def test_a_correct_password_counts_no_failure(
