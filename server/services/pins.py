@@ -24,6 +24,7 @@ date without being marked dirty (:func:`_mirror`).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -32,7 +33,14 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from server.config import Policy
 from server.db import affected
-from server.errors import Forbidden, InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
+from server.errors import (
+    Forbidden,
+    InvalidRequest,
+    PinBlocked,
+    PinIncorrect,
+    PukIncorrect,
+    ServerError,
+)
 from server.models import User
 from server.services import audit
 from server.services.hashing import hash_secret, verify_secret
@@ -157,6 +165,58 @@ def _require_pin_set(user: User) -> None:
         raise Forbidden(f"user {user.name!r} has no PIN (not enrolled)")
 
 
+def _present(
+    session: Session,
+    user: User,
+    value: str,
+    *,
+    counter: InstrumentedAttribute[int],
+    stored_hash: InstrumentedAttribute[str | None],
+    on_correct: Callable[[], dict[str, object]],
+    events: tuple[audit.Event, audit.Event],
+    wrong: Callable[[int], ServerError],
+    what: str,
+    actor: str,
+) -> None:
+    """Check ``value`` against a PIN or PUK, then apply the outcome atomically.
+
+    argon2id runs with no transaction open; a correct value applies ``on_correct()`` only if
+    the counter still has tries and the hash is unchanged (else it counts as wrong), a wrong
+    one spends a try with one guarded statement. Commits, with its audit record, either way.
+
+    :raises ServerError: ``wrong(retries_left)`` for a wrong value.
+    :raises PinBlocked: no tries left; nothing was checked.
+    """
+    ok_event, failed_event = events
+    subject = f"user:{user.name}"
+    left, stored = _current(session, user, counter, stored_hash)
+    if left > 0 and stored is not None:
+        values = on_correct() if verify_secret(stored, value) else None
+        if values is not None and _accept(session, user, counter, stored_hash, stored, values):
+            audit.append(session, actor=actor, event=ok_event, subject=subject)
+            session.commit()
+            _mirror(user, **values)
+            return
+        spent = _spend_try(session, user, counter)
+        if spent is not None:
+            audit.append(
+                session,
+                actor=actor,
+                event=failed_event,
+                subject=subject,
+                details={"retries": spent},
+            )
+            session.commit()
+            _mirror(user, **{counter.key: spent})
+            raise wrong(spent)
+    audit.append(
+        session, actor=actor, event=failed_event, subject=subject, details={"blocked": True}
+    )
+    session.commit()
+    _mirror(user, **{counter.key: 0})
+    raise PinBlocked(f"{what} blocked")
+
+
 def verify(
     session: Session, user: User, pin: str, policy: Policy, *, actor: str | None = None
 ) -> None:
@@ -165,40 +225,19 @@ def verify(
     :raises PinIncorrect: wrong PIN (``retries`` left, possibly 0).
     :raises PinBlocked: no tries left; nothing was checked.
     """
-    actor = actor or f"user:{user.name}"
-    subject = f"user:{user.name}"
     _require_pin_set(user)
-    left, stored = _current(session, user, User.pin_retries, User.pin_hash)
-    if left > 0 and stored is not None:
-        restored: dict[str, object] = {"pin_retries": policy.pin_tries}
-        ok = verify_secret(stored, pin)
-        if ok and _accept(session, user, User.pin_retries, User.pin_hash, stored, restored):
-            audit.append(session, actor=actor, event=audit.Event.PIN_OK, subject=subject)
-            session.commit()
-            _mirror(user, **restored)
-            return
-        spent = _spend_try(session, user, User.pin_retries)
-        if spent is not None:
-            audit.append(
-                session,
-                actor=actor,
-                event=audit.Event.PIN_FAILED,
-                subject=subject,
-                details={"retries": spent},
-            )
-            session.commit()
-            _mirror(user, pin_retries=spent)
-            raise PinIncorrect(spent)
-    audit.append(
+    _present(
         session,
-        actor=actor,
-        event=audit.Event.PIN_FAILED,
-        subject=subject,
-        details={"blocked": True},
+        user,
+        pin,
+        counter=User.pin_retries,
+        stored_hash=User.pin_hash,
+        on_correct=lambda: {"pin_retries": policy.pin_tries},
+        events=(audit.Event.PIN_OK, audit.Event.PIN_FAILED),
+        wrong=PinIncorrect,
+        what="PIN",
+        actor=actor or f"user:{user.name}",
     )
-    session.commit()
-    _mirror(user, pin_retries=0)
-    raise PinBlocked("PIN blocked")
 
 
 def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Policy) -> None:
@@ -223,39 +262,18 @@ def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy
     """
     validate_pin(new_pin)
     _require_pin_set(user)
-    actor, subject = f"user:{user.name}", f"user:{user.name}"
-    left, stored = _current(session, user, User.puk_retries, User.puk_hash)
-    if left > 0 and stored is not None:
-        values = _new_pin(new_pin, policy) if verify_secret(stored, puk) else None
-        if values is not None and _accept(
-            session, user, User.puk_retries, User.puk_hash, stored, values
-        ):
-            audit.append(session, actor=actor, event=audit.Event.PIN_UNBLOCK, subject=subject)
-            session.commit()
-            _mirror(user, **values)
-            return
-        spent = _spend_try(session, user, User.puk_retries)
-        if spent is not None:
-            audit.append(
-                session,
-                actor=actor,
-                event=audit.Event.PIN_UNBLOCK_FAILED,
-                subject=subject,
-                details={"retries": spent},
-            )
-            session.commit()
-            _mirror(user, puk_retries=spent)
-            raise PukIncorrect(spent)
-    audit.append(
+    _present(
         session,
-        actor=actor,
-        event=audit.Event.PIN_UNBLOCK_FAILED,
-        subject=subject,
-        details={"blocked": True},
+        user,
+        puk,
+        counter=User.puk_retries,
+        stored_hash=User.puk_hash,
+        on_correct=lambda: _new_pin(new_pin, policy),  # hashed only once the PUK is right
+        events=(audit.Event.PIN_UNBLOCK, audit.Event.PIN_UNBLOCK_FAILED),
+        wrong=PukIncorrect,
+        what="PUK",
+        actor=f"user:{user.name}",
     )
-    session.commit()
-    _mirror(user, puk_retries=0)
-    raise PinBlocked("PUK blocked")
 
 
 def admin_unblock(
