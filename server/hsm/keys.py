@@ -57,6 +57,17 @@ class _HsmKey:
     def __deepcopy__(self, memo: dict[int, object]) -> Any:
         return self
 
+    def private_numbers(self) -> NoReturn:
+        _refuse_export()
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> NoReturn:
+        _refuse_export()
+
 
 class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
     """A P-256 / P-384 key in the HSM: ECDSA (DER) and ECDH."""
@@ -92,17 +103,6 @@ class HsmEcPrivateKey(_HsmKey, ec.EllipticCurvePrivateKey):
     @property
     def key_size(self) -> int:
         return self.curve.key_size
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _refuse_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export()
 
 
 class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
@@ -154,17 +154,6 @@ class HsmRsaPrivateKey(_HsmKey, rsa.RSAPrivateKey):
     def key_size(self) -> int:
         return self.ref.alg.bits
 
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _refuse_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export()
-
 
 class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
     """An Ed25519 key in the HSM (pure EdDSA over the whole message)."""
@@ -177,14 +166,6 @@ class HsmEd25519PrivateKey(_HsmKey, ed25519.Ed25519PrivateKey):
         if isinstance(key, ed25519.Ed25519PublicKey):
             return key
         raise _wrong_key(self.ref)
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export()
 
     def private_bytes_raw(self) -> bytes:
         _refuse_export()
