@@ -108,8 +108,6 @@ class AdminClient:
     def list_users(self) -> list[dict[str, Any]]:
         """Every user with its state."""
         result = self._request("GET", "/api/v1/admin/users").json()
-        if isinstance(result, dict) and isinstance(result.get("users"), list):
-            result = result["users"]
         if not isinstance(result, list):
             raise AdminApiError("unexpected answer from GET /api/v1/admin/users")
         return result
@@ -139,8 +137,11 @@ class AdminClient:
 
     def cert_csr(self, name: str, slot: str) -> str:
         """A PEM CSR for the user's key in ``slot``, signed in the HSM."""
-        resp = self._request("POST", f"/api/v1/admin/users/{_seg(name)}/certs/{_seg(slot)}/csr")
-        return _pem_from(resp, "csr")
+        path = f"/api/v1/admin/users/{_seg(name)}/certs/{_seg(slot)}/csr"
+        csr = self._json("POST", path).get("csr")
+        if not isinstance(csr, str):
+            raise AdminApiError(f"unexpected answer from POST {path}")
+        return csr
 
     def cert_import(self, name: str, slot: str, cert_pem: str) -> dict[str, Any]:
         """Install a certificate issued by an external CA for the user's key in ``slot``."""
@@ -163,10 +164,7 @@ class AdminClient:
     # -- plumbing ------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        resp = self._request(method, path, **kwargs)
-        if not resp.content:
-            return {}
-        result = resp.json()
+        result = self._request(method, path, **kwargs).json()
         if not isinstance(result, dict):
             raise AdminApiError(f"unexpected answer from {method} {path}")
         return result
@@ -199,11 +197,3 @@ def _error_from(resp: httpx.Response) -> AdminApiError:
     message = f"{description} (HTTP {resp.status_code}" + (f", {code})" if code else ")")
     return AdminApiError(message, status=resp.status_code, code=code)
 
-
-def _pem_from(resp: httpx.Response, key: str) -> str:
-    if resp.headers.get("content-type", "").startswith("application/json"):
-        body = resp.json()
-        if isinstance(body, dict) and isinstance(body.get(key), str):
-            return str(body[key])
-        raise AdminApiError(f"the server's answer has no {key!r}")
-    return resp.text
