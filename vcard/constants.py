@@ -24,7 +24,6 @@ class SW(IntEnum):
     AUTH_METHOD_BLOCKED = 0x6983
     CONDITIONS_NOT_SATISFIED = 0x6985
     INCORRECT_DATA = 0x6A80
-    FUNCTION_NOT_SUPPORTED = 0x6A81
     FILE_NOT_FOUND = 0x6A82
     NO_SPACE = 0x6A84
     INCORRECT_P1P2 = 0x6A86
@@ -65,11 +64,9 @@ class Aid(bytes, Enum):
 PIV_AID_MIN_PREFIX: Final[int] = 5
 
 
+@unique
 class ObjectId(IntEnum):
-    """Data object tags (SP 800-73-4 Part 1, table 3) plus Yubico's.
-
-    Not ``@unique``: the certificate objects also have aliases named after their slots.
-    """
+    """Data object tags (SP 800-73-4 Part 1, table 3) plus Yubico's."""
 
     CARD_AUTH = 0x5FC101  # certificate for 9E
     CHUID = 0x5FC102
@@ -109,13 +106,6 @@ class ObjectId(IntEnum):
     DISCOVERY = 0x7E
     YUBICO_ADMIN = 0x5FFF00
     ATTESTATION = 0x5FFF01
-
-    # Aliases by slot name, the way yubikit spells them.
-    CCC = CAPABILITY
-    CERT_9A = AUTHENTICATION
-    CERT_9C = SIGNATURE
-    CERT_9D = KEY_MANAGEMENT
-    CERT_9E = CARD_AUTH
 
     @property
     def pin_protected(self) -> bool:
