@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Final
 
 from vcard.apdu import (
@@ -119,15 +120,7 @@ class VirtualCard:
                 raise WrongLength("command chain too long")
             return _sw(SW.OK)
         if self._chain == header:
-            command = CommandApdu(
-                command.cla,
-                command.ins,
-                command.p1,
-                command.p2,
-                self._chain_data + command.data,
-                command.ne,
-                command.extended,
-            )
+            command = replace(command, data=self._chain_data + command.data)
         self._abort_chain()
         self.state.begin_command()
         if command.ins == Ins.SELECT:
