@@ -6,7 +6,6 @@ them); they differ only in how credentials/info describes the user factors (v1 `
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -330,7 +329,7 @@ def _router(version: Version) -> APIRouter:
             sign_algo_oid=body.signAlgo,
             sign_algo_params=body.signAlgoParams,
         )
-        return CscSignHashResponse(signatures=[base64.b64encode(s).decode() for s in signatures])
+        return CscSignHashResponse(signatures=[b64encode(s) for s in signatures])
 
     return router
 
