@@ -22,6 +22,8 @@ __all__ = [
     "Check",
     "PcscError",
     "PcscReader",
+    "card_answers",
+    "card_ready",
     "find_reader",
     "list_readers",
     "percentile",
@@ -130,6 +132,25 @@ class PcscReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def card_answers(reader: str) -> bool:
+    """Whether a card is in ``reader`` and answers SELECT PIV (9000 or 61xx)."""
+    try:
+        with PcscReader(reader) as conn:
+            _, sw = conn.transmit(SELECT_PIV)
+    except PcscError:
+        return False
+    return sw == 0x9000 or sw >> 8 == 0x61
+
+
+def card_ready(reader: str) -> bool:
+    """A card that answers twice, a moment apart: vpcd can drop a just-connected card once
+    (the link then reconnects), so one answer right after connecting proves little."""
+    if not card_answers(reader):
+        return False
+    time.sleep(0.3)
+    return card_answers(reader)
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:

@@ -16,7 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from vcard.constants import DEFAULT_PIN, DEFAULT_PUK, KeyType, Slot
-from vcard.doctor import SELECT_PIV, PcscError, PcscReader
+from vcard.doctor import card_answers
+from vcard.doctor import card_ready as reader_ready
 from vcard.provision import init_soft
 
 READER = "cardbridge vpcd 00 00"
@@ -71,21 +72,12 @@ def make_card(path: Path, alg: str) -> SoftCard:
 
 def card_present() -> bool:
     """Whether a card is in the reader and answers SELECT PIV."""
-    try:
-        with PcscReader(READER) as conn:
-            _, sw = conn.transmit(SELECT_PIV)
-            return sw == 0x9000 or sw >> 8 == 0x61
-    except PcscError:
-        return False
+    return card_answers(READER)
 
 
 def card_ready() -> bool:
-    """A card that answers twice, a moment apart: vpcd can drop a just-connected card once
-    (the link then reconnects), so one answer right after connecting proves little."""
-    if not card_present():
-        return False
-    time.sleep(0.3)
-    return card_present()
+    """A card in the reader that has settled (see ``vcard.doctor.card_ready``)."""
+    return reader_ready(READER)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
