@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 from pcsc_stack import PIN, PUK, READER, SoftCard, pkcs11, run
 
-from vcard.doctor import PcscReader
+from vcard.doctor import SELECT_PIV, PcscReader
 
 pytestmark = pytest.mark.pcsc
-
-SELECT = bytes.fromhex("00A4040009A0000003080000100000")
 
 
 def pin_status_word() -> int:
     """The empty VERIFY (SP 800-73-4 Part 2 §3.2.1): 63Cx tries left, 6983 blocked."""
     with PcscReader(READER) as conn:
-        conn.transmit(SELECT)
+        conn.transmit(SELECT_PIV)
         _, sw = conn.transmit(bytes.fromhex("0020008000"))
         return sw
 
