@@ -82,8 +82,6 @@ CSC_HASHES: Final[frozenset[str]] = frozenset({"sha256", "sha384", "sha512"})
 
 OID_RSA_ENCRYPTION: Final = "1.2.840.113549.1.1.1"
 OID_RSASSA_PSS: Final = "1.2.840.113549.1.1.10"
-OID_MGF1: Final = "1.2.840.113549.1.1.8"
-OID_EC_PUBLIC_KEY: Final = "1.2.840.10045.2.1"
 OID_ED25519: Final = "1.3.101.112"
 
 

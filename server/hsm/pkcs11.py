@@ -38,7 +38,7 @@ from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, Objec
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from server.algorithms import KeyAlg, hash_by_name
+from server.algorithms import OID_ED25519, KeyAlg, hash_by_name
 from server.errors import (
     Conflict,
     Forbidden,
@@ -50,7 +50,6 @@ from server.errors import (
 
 log = logging.getLogger(__name__)
 
-OID_ED25519: Final = "1.3.101.112"
 _SIGN: Final = MechanismFlag.SIGN | MechanismFlag.VERIFY
 
 _HASH_MECHS: Final[dict[str, tuple[Mechanism, MGF]]] = {
