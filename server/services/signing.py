@@ -124,10 +124,6 @@ def _user(session: Session, principal: Principal) -> User:
     return user
 
 
-def _check_not_blocked(user: User) -> None:
-    _refuse_blocked_pin(user.pin_hash is not None, user.pin_retries)
-
-
 def _refuse_blocked_pin(has_pin: bool, pin_retries: int) -> None:
     if has_pin and pin_retries <= 0:
         raise PinBlocked("PIN blocked")
@@ -452,7 +448,7 @@ def piv_credential(
     cred = credentials.get_for_user(session, _user_id(principal), credential_id)
     if op not in SLOT_OPS.get(cred.slot, frozenset()):
         raise Forbidden(f"the key in slot {cred.slot.upper()} may not be used for {op}")
-    _check_not_blocked(cred.user)
+    _refuse_blocked_pin(cred.user.pin_hash is not None, cred.user.pin_retries)
     return cred
 
 
