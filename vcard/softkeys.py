@@ -50,6 +50,8 @@ FORMAT_VERSION: Final[int] = 1
 _CARD_FILE: Final[str] = "card.json"
 _SECRETS_FILE: Final[str] = "secrets.json"
 _SCRYPT_N: Final[int] = 2**12
+#: Tries each secret allows after a right value (its retry counter's reset value).
+_TRIES: Final[dict[str, int]] = {"pin": PIN_TRIES, "puk": PUK_TRIES}
 
 # DER DigestInfo prefixes (RFC 8017 §9.2 note 1), for the PKCS#1 v1.5 fast path.
 _DIGEST_INFOS: Final[dict[bytes, hashes.HashAlgorithm]] = {
@@ -227,8 +229,8 @@ class SoftKeyBackend:
             guid = secrets.token_bytes(16)
         card = {"format": FORMAT, "version": FORMAT_VERSION, "guid": guid.hex(), "slots": {}}
         backend = cls(root, card, {})
-        backend._set_secret("pin", pin, PIN_TRIES, default=pin == DEFAULT_PIN)
-        backend._set_secret("puk", puk, PUK_TRIES, default=puk == DEFAULT_PUK)
+        backend._set_secret("pin", pin, default=pin == DEFAULT_PIN)
+        backend._set_secret("puk", puk, default=puk == DEFAULT_PUK)
         backend._secrets["mgmt"] = {"alg": int(management_alg), "key": management_key.hex()}
         backend._save_secrets()
         # card.json last: it is what makes the directory a card.
@@ -336,27 +338,27 @@ class SoftKeyBackend:
         self._check("pin", pin)
 
     def pin_status(self) -> PinStatus:
-        return self._status("pin", PIN_TRIES)
+        return self._status("pin")
 
     def puk_status(self) -> PinStatus:
-        return self._status("puk", PUK_TRIES)
+        return self._status("puk")
 
     def change_pin(self, old: bytes, new: bytes) -> None:
         check_new_pin(new)
         self._check("pin", old)
-        self._set_secret("pin", new, PIN_TRIES, default=False)
+        self._set_secret("pin", new, default=False)
         self._save_secrets()
 
     def change_puk(self, old: bytes, new: bytes) -> None:
         check_new_pin(new, "PUK")
         self._check("puk", old)
-        self._set_secret("puk", new, PUK_TRIES, default=False)
+        self._set_secret("puk", new, default=False)
         self._save_secrets()
 
     def unblock_pin(self, puk: bytes, new_pin: bytes) -> None:
         check_new_pin(new_pin)
         self._check("puk", puk)
-        self._set_secret("pin", new_pin, PIN_TRIES, default=False)
+        self._set_secret("pin", new_pin, default=False)
         self._save_secrets()
 
     def management_key(self) -> tuple[MgmtAlg, bytes]:
@@ -389,18 +391,18 @@ class SoftKeyBackend:
             raise ValueError(f"slot {slot} holds no EC key")
         return key, _key_type_of(key)
 
-    def _set_secret(self, name: str, value: bytes, tries: int, *, default: bool) -> None:
+    def _set_secret(self, name: str, value: bytes, *, default: bool) -> None:
         salt = secrets.token_bytes(16)
         self._secrets[name] = {
             "salt": salt.hex(),
             "hash": _hash_secret(value, salt).hex(),
-            "remaining": tries,
+            "remaining": _TRIES[name],
             "default": default,
         }
 
-    def _status(self, name: str, total: int) -> PinStatus:
+    def _status(self, name: str) -> PinStatus:
         entry = self._secrets[name]
-        return PinStatus(total, entry["remaining"], entry["default"])
+        return PinStatus(_TRIES[name], entry["remaining"], entry["default"])
 
     def _check(self, name: str, value: bytes) -> None:
         """Compare ``value`` with the stored PIN/PUK, counting the try (persisted first)."""
@@ -409,9 +411,8 @@ class SoftKeyBackend:
             raise PinBlocked(f"the {name.upper()} is blocked")
         digest = _hash_secret(value, bytes.fromhex(entry["salt"]))
         if hmac.compare_digest(digest, bytes.fromhex(entry["hash"])):
-            total = PIN_TRIES if name == "pin" else PUK_TRIES
-            if entry["remaining"] != total:
-                entry["remaining"] = total
+            if entry["remaining"] != _TRIES[name]:
+                entry["remaining"] = _TRIES[name]
                 self._save_secrets()
             return
         entry["remaining"] -= 1
