@@ -40,6 +40,7 @@ CA_DAYS: Final = 3650
 TLS_DAYS: Final = 825
 SLOT_DAYS: Final = 730
 SLOTS: Final = ("9a", "9c", "9d", "9e")
+"""PIV authentication, digital signature, key management, card authentication."""
 _BACKDATE: Final = dt.timedelta(minutes=5)
 
 

@@ -14,8 +14,6 @@ from server.hsm import KeyAlg, KeyRef
 from server.models import Credential, User
 
 ACTIVE, REVOKED = "active", "revoked"
-SLOTS = ("9a", "9c", "9d", "9e")
-"""PIV authentication, digital signature, key management, card authentication."""
 
 
 def list_for_user(session: Session, user_id: int, *, only_active: bool = True) -> list[Credential]:

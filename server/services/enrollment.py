@@ -23,7 +23,7 @@ from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, ServerE
 from server.hsm import Hsm, KeyAlg, KeyRef
 from server.models import Credential, Device, EnrollmentCode, utcnow
 from server.services import audit, credentials, otp, pins, users
-from server.services.credentials import ACTIVE, REVOKED, SLOTS
+from server.services.credentials import ACTIVE, REVOKED
 from server.services.hashing import new_token, token_digest
 
 PIN_LEN = 6
@@ -94,7 +94,7 @@ def enroll(
     generated: list[KeyRef] = []
     enrolled: list[EnrolledCredential] = []
     try:
-        for slot in SLOTS:
+        for slot in ca.SLOTS:
             slot_alg = _slot_alg(alg, slot)
             cred_id = new_token()[:22]
             ref = hsm.generate_key(slot_alg, f"{name}/{slot}/{cred_id}", sign_only=slot != "9d")
@@ -179,8 +179,8 @@ def revoke(session: Session, name: str, *, actor: str = "admin") -> int:
 
 def _slot(slot: str) -> str:
     s = slot.lower()
-    if s not in SLOTS:
-        raise NotFound(f"unknown slot {slot!r} (one of {', '.join(SLOTS)})")
+    if s not in ca.SLOTS:
+        raise NotFound(f"unknown slot {slot!r} (one of {', '.join(ca.SLOTS)})")
     return s
 
 
