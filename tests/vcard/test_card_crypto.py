@@ -96,7 +96,8 @@ def test_rsa_output_is_left_padded(backend: SoftKeyBackend) -> None:
 @pytest.mark.parametrize("slot", EC_SLOTS, ids=str)
 @pytest.mark.parametrize(
     "hash_alg",
-    [hashes.SHA1(), hashes.SHA256(), hashes.SHA384()],  # noqa: S303, ids=lambda h: h.name
+    [hashes.SHA1(), hashes.SHA256(), hashes.SHA384()],  # noqa: S303
+    ids=lambda h: h.name,
 )
 def test_ecdsa_der_verifies(
     host: Host, backend: SoftKeyBackend, slot: Slot, hash_alg: hashes.HashAlgorithm
