@@ -9,7 +9,6 @@ keys generated so far are destroyed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -124,7 +123,7 @@ def enroll(
             EnrollmentCode(
                 code_hash=token_digest(code),
                 user_id=user.id,
-                expires_at=utcnow() + timedelta(seconds=policy.enrollment_code_ttl),
+                expires_at=utcnow() + policy.ttl("enrollment_code_ttl"),
             )
         )
         audit.append(
