@@ -109,6 +109,8 @@ def server_init(
 ) -> None:
     """Create (or complete) a data directory: database, HSM token, CA, TLS certificate, admin
     token. Running it again destroys nothing."""
+    from sqlalchemy import make_url
+
     from server.datadir import init_data_dir
 
     if hsm_module is not None and (token_label is None or hsm_pin_file is None):
@@ -124,7 +126,7 @@ def server_init(
     after = _snapshot(data)
     created = sorted(after - before)
     typer.echo(f"data directory: {data}")
-    typer.echo(f"database:       {_redact_url(settings.db_url)}")
+    typer.echo(f"database:       {make_url(settings.db_url).render_as_string(hide_password=True)}")
     typer.echo(f"HSM:            {settings.hsm_module} (token {settings.token_label!r})")
     if created:
         typer.echo("created:")
@@ -205,14 +207,6 @@ def _snapshot(data: Path) -> set[str]:
     if not data.is_dir():
         return set()
     return {str(p.relative_to(data)) for p in data.iterdir()}
-
-
-def _redact_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    creds, at, hostpart = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{hostpart}"
 
 
 # -- cardbridge admin ----------------------------------------------------------------------
