@@ -176,6 +176,10 @@ def server_run(
             # The audit log records every security event; a line per request on top of it costs
             # CPU on the signing path and says nothing the audit log does not.
             access_log=False,
+            # Longer than clients keep idle connections (httpx 5 s, aiohttp 15 s): with uvicorn's
+            # default of 5 s, a client reusing a connection as the server closes it gets
+            # "Server disconnected without sending a response".
+            timeout_keep_alive=75,
             timeout_graceful_shutdown=10,
         )
     finally:
