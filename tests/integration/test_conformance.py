@@ -68,7 +68,7 @@ def test_select_accepts_aid_prefixes(conn: PcscReader, size: int) -> None:
     apt = Tlv(data)
     assert apt.tag == 0x61
     inner = {t.tag: t.value for t in Tlv.parse_list(apt.value)}
-    assert inner[0x4F][:4] == bytes.fromhex("00001000") or inner[0x4F][:9] == PIV_AID[:9]
+    assert inner[0x4F] == PIV_AID
     assert inner[0x79] == bytes.fromhex("4F05A000000308")
 
 
