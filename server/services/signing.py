@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import ColumnElement, exists, or_, select, update
+from sqlalchemy import ColumnElement, exists, select, update
 from sqlalchemy.orm import Session
 
 from server import padding
@@ -54,7 +54,7 @@ from server.errors import (
 )
 from server.hsm import Hsm
 from server.models import AuthToken, Credential, User, utcnow
-from server.services import audit, credentials, otp, pins, sad
+from server.services import audit, credentials, otp, pins, sad, tokens
 from server.services.hashing import new_token, token_digest
 from server.services.tokens import Principal
 
@@ -403,13 +403,7 @@ def reset_pin_state(session: Session, principal: Principal) -> None:
 
 def end_session(session: Session, principal: Principal) -> None:
     """Log out: revoke the session's refresh token, its access tokens and its PIN marks."""
-    root = _session_root(session, principal)
-    session.execute(
-        update(AuthToken)
-        .where(or_(AuthToken.id == root.id, AuthToken.parent_id == root.id))
-        .values(revoked=True)
-        .execution_options(synchronize_session=False)
-    )
+    tokens.revoke_family(session, _session_root(session, principal).id)
     audit.append(
         session, actor=principal.actor, event=audit.Event.LOGOUT, subject=principal.actor
     )

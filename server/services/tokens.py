@@ -244,6 +244,16 @@ def refresh(session: Session, policy: Policy, refresh_token: str) -> TokenPair:
     return pair
 
 
+def revoke_family(session: Session, token_id: int) -> None:
+    """Revoke a token and the tokens it produced (access tokens, PIV PIN marks); caller commits."""
+    session.execute(
+        update(AuthToken)
+        .where(or_(AuthToken.id == token_id, AuthToken.parent_id == token_id))
+        .values(revoked=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def revoke(session: Session, token: str, *, owner: Principal | None = None) -> None:
     """Revoke an access or refresh token (a refresh token takes its access tokens along).
 
@@ -255,12 +265,7 @@ def revoke(session: Session, token: str, *, owner: Principal | None = None) -> N
         return
     if owner is not None and owner.kind == "user" and row.user_id != owner.user_id:
         return
-    session.execute(
-        update(AuthToken)
-        .where(or_(AuthToken.id == row.id, AuthToken.parent_id == row.id))
-        .values(revoked=True)
-        .execution_options(synchronize_session=False)
-    )
+    revoke_family(session, row.id)
     user = session.get(User, row.user_id) if row.user_id is not None else None
     audit.append(
         session,
