@@ -120,6 +120,16 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> None:
+    """An error answer: ``status`` and exactly ``{"error": code, "error_description": ...}``."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    body = resp.json()
+    assert set(body) == {"error", "error_description"}, body
+    if code is not None:
+        assert body["error"] == code, body
+
+
 @pytest.fixture(scope="module", name="api_db_url")
 def api_db_url_fixture(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The API tests' database: SQLite unless a module overrides this fixture."""

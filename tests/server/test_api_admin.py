@@ -9,17 +9,13 @@ import datetime as dt
 
 import pytest
 from apikit import PASSWORD, Api, api_db_url_fixture, api_fixture  # noqa: F401
+from apikit import assert_error as error
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import text
 from sqlalchemy.orm import Session
-
-
-def error(resp: object, status: int, code: str) -> None:
-    assert resp.status_code == status, resp.text  # type: ignore[attr-defined]
-    assert resp.json()["error"] == code, resp.text  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from apikit import PASSWORD, Api, Enrolled, api_fixture, b64  # noqa: F401
+from apikit import PASSWORD, Api, Enrolled, api_fixture, assert_error, b64  # noqa: F401
 from asn1crypto import algos
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -71,15 +71,6 @@ def sign(api: Api, user: Enrolled, headers: dict[str, str], sad: str, digests: l
         **extra,
     }
     return api.client.post(f"/csc/{version}/signatures/signHash", json=body, headers=headers)
-
-
-def assert_error(resp: Any, status: int, code: str | None = None) -> None:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error", "error_description"}
-    assert resp.headers["content-type"].startswith("application/json")
-    if code is not None:
-        assert body["error"] == code, body
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -13,6 +13,7 @@ import os
 
 import pytest
 from apikit import PASSWORD, Api, Enrolled, api_db_url_fixture, api_fixture, b64  # noqa: F401
+from apikit import assert_error as error
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -24,11 +25,6 @@ DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 def result(resp: object) -> bytes:
     assert resp.status_code == 200, resp.text  # type: ignore[attr-defined]
     return base64.b64decode(resp.json()["result"], validate=True)  # type: ignore[attr-defined]
-
-
-def error(resp: object, status: int, code: str) -> None:
-    assert resp.status_code == status, resp.text  # type: ignore[attr-defined]
-    assert resp.json()["error"] == code, resp.text  # type: ignore[attr-defined]
 
 
 def certs(api: Api, user: Enrolled) -> dict[str, x509.Certificate]:
