@@ -9,6 +9,7 @@ details.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import ServerError
+from server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,11 @@ _HTTP_CODES = {
     413: "request_too_large",
     415: "unsupported_media_type",
 }
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A router's OpenAPI ``responses``: ``statuses`` answered with the error body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 def error_response(status: int, code: str, description: str) -> JSONResponse:

@@ -8,6 +8,7 @@ import secrets
 from fastapi import APIRouter, status
 
 from server.api.deps import AdminPrincipal, HsmDep, SessionDep, SettingsDep
+from server.api.errors import documented_errors
 from server.hsm import KeyAlg
 from server.models import User
 from server.schemas import (
@@ -17,7 +18,6 @@ from server.schemas import (
     EnrolledCredential,
     EnrollRequest,
     EnrollResponse,
-    ErrorResponse,
     RevokeResponse,
     UnblockResponse,
     UserCreate,
@@ -26,15 +26,11 @@ from server.schemas import (
 )
 from server.services import credentials, enrollment, pins, users
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    403: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
-}
-
-router = APIRouter(prefix="/api/v1/admin/users", tags=["Administration"], responses=_ERRORS)
+router = APIRouter(
+    prefix="/api/v1/admin/users",
+    tags=["Administration"],
+    responses=documented_errors(400, 401, 403, 404, 409),
+)
 
 
 def _out(session: SessionDep, user: User) -> UserOut:

@@ -7,14 +7,15 @@ from fastapi import APIRouter
 from sqlalchemy import func, select
 
 from server.api.deps import AdminPrincipal, SessionDep
+from server.api.errors import documented_errors
 from server.models import AuditRecord
-from server.schemas import AuditRecordOut, AuditVerifyResponse, ErrorResponse
+from server.schemas import AuditRecordOut, AuditVerifyResponse
 from server.services import audit
 
 router = APIRouter(
     prefix="/api/v1/admin/audit",
     tags=["Logging"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses=documented_errors(401, 403),
 )
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from server.api.deps import CurrentUser, SessionDep, SettingsDep
-from server.schemas import ErrorResponse, LoginRequest, RefreshRequest, TokenResponse
+from server.api.errors import documented_errors
+from server.schemas import LoginRequest, RefreshRequest, TokenResponse
 from server.services import signing, tokens
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    429: {"model": ErrorResponse},
-}
-
-router = APIRouter(prefix="/api/v1/auth", tags=["Authentication"], responses=_ERRORS)
+router = APIRouter(
+    prefix="/api/v1/auth", tags=["Authentication"], responses=documented_errors(400, 401, 429)
+)
 
 
 def _pair(pair: tokens.TokenPair) -> TokenResponse:

@@ -25,6 +25,7 @@ from server.api.deps import (
     TokenDep,
     require_user,
 )
+from server.api.errors import documented_errors
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
 from server.models import Credential
@@ -51,7 +52,6 @@ from server.schemas import (
     CscSignHashRequest,
     CscSignHashResponse,
     CscV1Factor,
-    ErrorResponse,
     b64encode,
 )
 from server.services import signing, tokens
@@ -68,12 +68,6 @@ _METHODS = [
     "signatures/signHash",
 ]
 _SPECS: dict[Version, str] = {"v1": "1.0.4.0", "v2": "2.0.0.2"}
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    403: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-}
 
 
 @lru_cache(maxsize=4)
@@ -159,7 +153,9 @@ def describe(
 
 def _router(version: Version) -> APIRouter:
     router = APIRouter(
-        prefix=f"/csc/{version}", tags=[f"Signing (CSC {version})"], responses=_ERRORS
+        prefix=f"/csc/{version}",
+        tags=[f"Signing (CSC {version})"],
+        responses=documented_errors(400, 401, 403, 404),
     )
 
     @router.post("/info", response_model_exclude_none=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from server.api.deps import CurrentUser, HsmDep, SessionDep, SettingsDep
+from server.api.errors import documented_errors
 from server.models import Credential
 from server.schemas import (
     DeviceCredential,
     DeviceEnrollRequest,
     DeviceEnrollResponse,
     DigestRequest,
-    ErrorResponse,
     MessageRequest,
     PeerPointRequest,
     PinChangeRequest,
@@ -30,13 +30,7 @@ from server.services import credentials, devices, pins, signing
 from server.services.signing import PivOp
 from server.services.tokens import Principal
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    403: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    429: {"model": ErrorResponse},
-}
+_ERRORS = documented_errors(400, 401, 403, 404, 429)
 
 pin_router = APIRouter(prefix="/api/v1/pin", tags=["PIN"], responses=_ERRORS)
 key_router = APIRouter(prefix="/api/v1/credentials", tags=["PIV keys"], responses=_ERRORS)
