@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
-``app.state.hsm``. The database engine and session factory live on ``app.state`` too.
+``app.state.hsm``. The session factory and the signing path's ``Direct`` connection (opened on
+first use, returned to the pool at shutdown) live on ``app.state`` too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
-from server.db import make_engine, session_factory
+from server.db import Direct, make_engine, session_factory
 from server.hsm import Hsm
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
@@ -43,10 +44,11 @@ def create_app(
     if settings is None:
         settings = Settings.load(os.environ[DATA_DIR_ENV])
     resolved = settings
-    engine = None
+    owned = None
     if sessions is None:
-        engine = make_engine(settings.db_url)
-        sessions = session_factory(engine)
+        owned = make_engine(settings.db_url)
+        sessions = session_factory(owned)
+    direct = Direct(sessions.kw["bind"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +64,9 @@ def create_app(
             if opened is not None:
                 app.state.hsm = None
                 opened.close()
-            if engine is not None:
-                engine.dispose()
+            direct.close()
+            if owned is not None:
+                owned.dispose()
 
     app = FastAPI(
         title="cardbridge signing server",
@@ -74,9 +77,10 @@ def create_app(
     app.state.settings = settings
     app.state.hsm = hsm
     app.state.sessions = sessions
+    app.state.direct = direct
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
-    for module in (health, auth, csc, piv, admin, audit):
+    for module in (csc, health, auth, piv, admin, audit):
         for router in module.routers:
             app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

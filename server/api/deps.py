@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from server.config import Settings
+from server.db import Direct
 from server.errors import Forbidden, HsmError, Unauthorized
 from server.hsm import Hsm
 from server.services import tokens
@@ -78,6 +79,17 @@ async def bearer_token(credentials: BearerDep) -> str:
 
 
 TokenDep = Annotated[str, Depends(bearer_token)]
+
+
+async def request_bearer(request: Request) -> str:
+    """:func:`bearer_token` outside the dependency system (``DirectRoute`` endpoints)."""
+    return await bearer_token(await _bearer(request))
+
+
+def get_direct(request: Request) -> Direct:
+    """The process's :class:`~server.db.Direct` connection (the signing path's)."""
+    direct: Direct = request.app.state.direct
+    return direct
 
 
 def get_principal(session: SessionDep, token: TokenDep) -> Principal:

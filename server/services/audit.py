@@ -20,6 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from server.db import Runner, runner
 from server.models import AuditHead, AuditRecord, utcnow
 
 GENESIS_HASH = "0" * 64
@@ -96,11 +97,11 @@ _NEXT_SEQ = (
     .returning(_HEAD.c.last_seq, _HEAD.c.last_hash)
 )
 _SET_TIP = update(_HEAD).where(_HEAD.c.id == HEAD_ID).values(last_hash=bindparam("tip"))
-_INSERT = insert(_LOG)
+_INSERT = insert(_LOG).values({c.name: bindparam(c.name) for c in _LOG.columns})
 
 
 def append(
-    session: Session,
+    db: Session | Runner,
     *,
     actor: str,
     event: Event | str,
@@ -113,14 +114,15 @@ def append(
     :param subject: what was acted on, e.g. ``"user:bob"``, ``"credential:<id>"``.
     :param details: non-secret facts (never PINs, passwords, OTPs, tokens or key material).
     """
-    row = session.execute(_NEXT_SEQ).one_or_none()
-    if row is None:
+    run = runner(db)
+    rows = run(_NEXT_SEQ)
+    if not rows:
         raise RuntimeError("audit_head row missing: run the migrations")
-    seq, prev_hash = int(row[0]), str(row[1])
+    seq, prev_hash = int(rows[0][0]), str(rows[0][1])
     time = utcnow().isoformat(timespec="microseconds")
     details_json = canonical(dict(details or {})).decode()
     digest = record_hash(seq, time, actor, str(event), subject, details_json, prev_hash)
-    session.execute(
+    run(
         _INSERT,
         {
             "seq": seq,
@@ -133,7 +135,7 @@ def append(
             "hash": digest,
         },
     )
-    session.execute(_SET_TIP, {"tip": digest})
+    run(_SET_TIP, {"tip": digest})
     return seq
 
 

@@ -9,6 +9,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
+from server.db import Runner, runner
 from server.errors import Forbidden, NotFound
 from server.hsm import KeyAlg, KeyRef
 from server.models import Credential, User
@@ -76,15 +77,15 @@ _KEY_USE = (
 )
 
 
-def key_use_for_user(session: Session, user_id: int, credential_id: str) -> KeyUse:
+def key_use_for_user(db: Session | Runner, user_id: int, credential_id: str) -> KeyUse:
     """:func:`get_for_user` in one Core statement, for the signing path.
 
     :raises NotFound, Forbidden: as :func:`get_for_user`.
     """
-    row = session.execute(_KEY_USE, {"credential_id": credential_id}).one_or_none()
-    if row is None:
+    rows = runner(db)(_KEY_USE, {"credential_id": credential_id})
+    if not rows:
         raise NotFound("unknown credentialID")
-    owner_id, slot, alg, key_id, status, disabled, has_pin, pin_retries = row
+    owner_id, slot, alg, key_id, status, disabled, has_pin, pin_retries = rows[0]
     _check_usable(owner_id, user_id, status, disabled)
     return KeyUse(
         credential_id, owner_id, slot, KeyRef(key_id, KeyAlg(alg)), bool(has_pin), pin_retries

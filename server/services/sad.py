@@ -19,7 +19,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import affected
+from server.db import Runner, affected, runner
 from server.errors import InvalidRequest, SadInvalid
 from server.models import Sad, utcnow
 from server.services import audit
@@ -111,18 +111,22 @@ _SPEND = (
         _SADS.c.expires_at > bindparam("now"),
     )
     .values(remaining=bindparam("left"), hashes=bindparam("left_hashes"))
+    .returning(_SADS.c.id)
 )
 
 
-def _load(session: Session, sad: str, user_id: int, credential_id: str) -> _Held:
-    row = session.execute(_LOAD, {"digest": token_digest(sad)}).one_or_none()
-    if row is None or row.user_id != user_id or row.credential_id != credential_id:
+def _load(db: Session | Runner, sad: str, user_id: int, credential_id: str) -> _Held:
+    rows = runner(db)(_LOAD, {"digest": token_digest(sad)})
+    if not rows:
         raise SadInvalid("Invalid parameter SAD")
-    if row.expires_at <= utcnow():
+    sad_id, owner_id, owner_credential, remaining, hashes, hash_oid, expires_at = rows[0]
+    if owner_id != user_id or owner_credential != credential_id:
+        raise SadInvalid("Invalid parameter SAD")
+    if expires_at <= utcnow():
         raise SadInvalid("SAD expired")
-    if row.remaining <= 0:
+    if remaining <= 0:
         raise SadInvalid("SAD already used")
-    return _Held(row.id, row.remaining, row.hashes, row.hash_oid)
+    return _Held(sad_id, remaining, hashes, hash_oid)
 
 
 def _consume(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[str] | None:
@@ -144,7 +148,7 @@ def _consume(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[
 
 
 def spend(
-    session: Session,
+    db: Session | Runner,
     sad: str,
     *,
     user_id: int,
@@ -153,36 +157,34 @@ def spend(
     hash_oid: str | None = None,
     actor: str = "",
 ) -> None:
-    """Atomically spend ``len(hashes)`` signatures of ``sad`` and audit the signing.
+    """Spend ``len(hashes)`` signatures of ``sad`` and audit the signing, in the caller's
+    transaction: the caller commits, or rolls back when this raises.
 
     :raises SadInvalid: unknown, another user's or credential's, expired, used up, raced by a
         concurrent spend, or not covering one of ``hashes``.
     """
-    row = _load(session, sad, user_id, credential_id)
+    run = runner(db)
+    row = _load(run, sad, user_id, credential_id)
     left = _consume(row, hashes, hash_oid)
-    won = affected(
-        session.execute(
-            _SPEND,
-            {
-                "sad_id": row.id,
-                "seen": row.remaining,
-                "now": utcnow(),
-                "left": row.remaining - len(hashes),
-                "left_hashes": left,
-            },
-        )
+    won = run(
+        _SPEND,
+        {
+            "sad_id": row.id,
+            "seen": row.remaining,
+            "now": utcnow(),
+            "left": row.remaining - len(hashes),
+            "left_hashes": left,
+        },
     )
-    if won != 1:
-        session.rollback()
+    if not won:
         raise SadInvalid("SAD already used")
     audit.append(
-        session,
+        run,
         actor=actor or f"user-id:{user_id}",
         event=audit.Event.SIGN,
         subject=f"credential:{credential_id}",
         details={"count": len(hashes), "hash_oid": hash_oid},
     )
-    session.commit()
 
 
 def extend(

@@ -41,7 +41,7 @@ from server.algorithms import (
     sign_algo,
 )
 from server.config import Policy
-from server.db import affected
+from server.db import Direct, affected
 from server.errors import (
     Forbidden,
     InvalidOtp,
@@ -275,9 +275,9 @@ def _sign_plan(
 
 
 def sign_hash(
-    session: Session,
+    db: Direct,
     hsm: Hsm,
-    principal: Principal,
+    token: str,
     *,
     credential_id: str,
     sad_value: str,
@@ -286,32 +286,42 @@ def sign_hash(
     sign_algo_oid: str,
     sign_algo_params: str | None,
 ) -> list[bytes]:
-    """signatures/signHash: spend the SAD for ``hashes`` atomically, then sign each digest in
-    the HSM; the signatures come back in input order (RSA raw, ECDSA DER).
+    """signatures/signHash for the bearer of ``token``: spend the SAD for ``hashes`` and audit
+    it in one transaction, then sign each digest in the HSM; the signatures come back in input
+    order (RSA raw, ECDSA DER).
 
+    The busiest path of the server, so it runs on :class:`~server.db.Direct` (seven prebuilt
+    statements on the raw connection, about 70 µs with SQLite) rather than an ORM session.
+
+    :raises Unauthorized: the token is not a live access token.
     :raises SadInvalid: replayed, expired, another user's, or a hash it does not cover.
     :raises InvalidRequest: unsupported or inconsistent algorithms, bad digest lengths.
     :raises PinBlocked: the owner's PIN was blocked after the SAD was issued.
     """
-    cred = credentials.key_use_for_user(session, _user_id(principal), credential_id)
-    if not _offered_by_csc(cred.slot, cred.key.alg):
-        raise NotFound("unknown credentialID")
-    _refuse_blocked_pin(cred.has_pin, cred.pin_retries)
-    ref = cred.key
-    plan = _sign_plan(ref.alg, sign_algo_oid, hash_oid, sign_algo_params)
-    for digest in hashes:
-        check_digest_length(digest, plan.hash)
-    sad.spend(
-        session,
-        sad_value,
-        user_id=cred.user_id,
-        credential_id=cred.id,
-        hashes=hashes,
-        hash_oid=plan.hash.oid,
-        actor=principal.actor,
-    )
+    try:
+        principal = tokens.authenticate(db, token)
+        cred = credentials.key_use_for_user(db, _user_id(principal), credential_id)
+        if not _offered_by_csc(cred.slot, cred.key.alg):
+            raise NotFound("unknown credentialID")
+        _refuse_blocked_pin(cred.has_pin, cred.pin_retries)
+        plan = _sign_plan(cred.key.alg, sign_algo_oid, hash_oid, sign_algo_params)
+        for digest in hashes:
+            check_digest_length(digest, plan.hash)
+        sad.spend(
+            db,
+            sad_value,
+            user_id=cred.user_id,
+            credential_id=cred.id,
+            hashes=hashes,
+            hash_oid=plan.hash.oid,
+            actor=principal.actor,
+        )
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
     return [
-        hsm.sign_digest(ref, digest, plan.hash.name, pss_salt_len=plan.pss_salt_len)
+        hsm.sign_digest(cred.key, digest, plan.hash.name, pss_salt_len=plan.pss_salt_len)
         for digest in hashes
     ]
 

@@ -15,7 +15,7 @@ from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import affected
+from server.db import Runner, affected, runner
 from server.errors import InvalidOtp, RateLimited, Unauthorized
 from server.models import AuthToken, User, utcnow
 from server.services import audit, otp, users
@@ -191,17 +191,17 @@ _AUTHENTICATE = (
 )
 
 
-def authenticate(session: Session, token: str) -> Principal:
+def authenticate(db: Session | Runner, token: str) -> Principal:
     """The principal of a bearer token (access or admin token).
 
     :raises Unauthorized: unknown, expired or revoked token, revoked refresh token, or a
         disabled user.
     """
-    row = session.execute(_AUTHENTICATE, {"digest": token_digest(token)}).one_or_none()
-    if row is None:
+    rows = runner(db)(_AUTHENTICATE, {"digest": token_digest(token)})
+    if not rows:
         raise Unauthorized("invalid or expired token")
     token_id, kind, revoked, expires_at, second_factor, user_id, name, disabled, parent_revoked = (
-        row
+        rows[0]
     )
     if revoked or (expires_at is not None and expires_at <= utcnow()) or parent_revoked:
         raise Unauthorized("invalid or expired token")

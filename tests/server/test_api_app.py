@@ -80,3 +80,39 @@ def test_oversized_bodies_are_413_before_and_while_streaming(api: Api) -> None:
     r = api.client.post("/api/v1/auth/login", content=b"{}",
                         headers={"Content-Type": "application/json", "Content-Length": "x"})
     assert r.status_code == 400
+
+
+# signatures/signHash is a DirectRoute (server.api.direct_route): it parses its body itself, so
+# its bad input must come out exactly as FastAPI's would for any other route.
+
+SIGN_HASH_BODY = {"credentialID": "c", "SAD": "sad-value-not-to-be-echoed",
+                  "hashes": ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],
+                  "signAlgo": "1.2.840.10045.4.3.2"}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_sign_hash_bad_bodies_are_400_and_echo_no_secret(api: Api, version: str) -> None:
+    path = f"/csc/{version}/signatures/signHash"
+    auth = {"Authorization": "Bearer not-a-token"}
+    r = api.client.post(path, content=b'{"SAD": "sad-value-not-to-be-echoed', headers={
+        **auth, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    assert "sad-value" not in r.text
+    r = api.client.post(path, content=b"{}", headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    r = api.client.post(path, json={k: v for k, v in SIGN_HASH_BODY.items() if k != "signAlgo"},
+                        headers=auth)
+    assert r.status_code == 400 and "signAlgo" in r.json()["error_description"]
+    r = api.client.post(path, json={**SIGN_HASH_BODY, "hashes": "not-a-list"}, headers=auth)
+    assert r.status_code == 400 and "sad-value" not in r.text
+    r = api.client.post(path, content=b'{"SAD": "' + b"a" * (MAX_BODY + 1) + b'"}',
+                        headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic dTpw"},
+                                     {"Authorization": "Bearer not-a-token"}])
+def test_sign_hash_without_a_live_bearer_token_is_401(api: Api, headers: dict[str, str]) -> None:
+    r = api.client.post("/csc/v2/signatures/signHash", json=SIGN_HASH_BODY, headers=headers)
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"] == "Bearer"

@@ -15,6 +15,7 @@ from conftest import MakeUser, totp_now
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Policy
+from server.db import Direct
 from server.errors import Conflict, InvalidOtp, PinIncorrect, RateLimited, SadInvalid
 from server.models import Credential, User
 from server.services import audit, otp, pins, sad, users
@@ -92,8 +93,16 @@ def test_sad_double_spend_from_two_connections(
         )
 
     def spend(_: int) -> bool:
-        with sessions() as s:
-            sad.spend(s, grant.sad, user_id=user.id, credential_id=cred, hashes=[digest])
+        # Each thread on its own Direct connection, as each server worker's signHash runs.
+        direct = Direct(sessions.kw["bind"])
+        try:
+            sad.spend(direct, grant.sad, user_id=user.id, credential_id=cred, hashes=[digest])
+            direct.commit()
+        except SadInvalid:
+            direct.rollback()
+            raise
+        finally:
+            direct.close()
         return True
 
     results = run_together(spend)
@@ -107,6 +116,17 @@ def test_audit_appends_from_two_connections_keep_the_chain(
     per_thread = 40
 
     def append(i: int) -> int:
+        # Thread 0 appends through an ORM session (most events), thread 1 on a Direct
+        # connection (signHash): both paths serialise on the same head row.
+        if i == 1:
+            direct = Direct(sessions.kw["bind"])
+            try:
+                for n in range(per_thread):
+                    audit.append(direct, actor=f"worker:{i}", event="test", details={"n": n})
+                    direct.commit()
+            finally:
+                direct.close()
+            return per_thread
         with sessions() as s:
             for n in range(per_thread):
                 audit.log(s, actor=f"worker:{i}", event="test", details={"n": n})

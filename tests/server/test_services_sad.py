@@ -42,8 +42,14 @@ def grant(session: Session, owner: tuple[User, str], n: int = 1, **kw: object) -
 def spend(
     session: Session, owner: tuple[User, str], value: str, *hashes: bytes, **kw: object
 ) -> None:
+    """Spend in one transaction, as signHash does: commit, or roll back on a refusal."""
     user, cred = owner
-    sad.spend(session, value, user_id=user.id, credential_id=cred, hashes=list(hashes), **kw)  # type: ignore[arg-type]
+    try:
+        sad.spend(session, value, user_id=user.id, credential_id=cred, hashes=list(hashes), **kw)  # type: ignore[arg-type]
+    except SadInvalid:
+        session.rollback()
+        raise
+    session.commit()
 
 
 def test_replay_is_refused(session: Session, owner: tuple[User, str]) -> None:
@@ -59,11 +65,11 @@ def test_another_user_or_credential_cannot_spend_it(
     value = grant(session, owner)
     mallory = make_user("mallory")
     with pytest.raises(SadInvalid):
-        sad.spend(session, value, user_id=mallory.id, credential_id="c1", hashes=[H1])
+        spend(session, (mallory, "c1"), value, H1)
     session.add(Credential(id="c2", user_id=owner[0].id, slot="9a", alg="p256", key_id="02"))
     session.commit()
     with pytest.raises(SadInvalid):
-        sad.spend(session, value, user_id=owner[0].id, credential_id="c2", hashes=[H1])
+        spend(session, (owner[0], "c2"), value, H1)
     spend(session, owner, value, H1)  # still intact for its owner
 
 
