@@ -3,6 +3,9 @@ through SQLAlchemy (types, literals, RETURNING, transactions), on SQLite and on 
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -121,6 +124,39 @@ def test_reconnects_after_the_server_drops_the_connection(pg_url: str) -> None:
             direct(READ, {"id": 6})
         direct.rollback()
         assert direct(READ, {"id": 6})[0][0] == "thing-6"  # a new connection
+        direct.close()
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_writers_queue_on_a_file_lock_held_for_the_unit_of_work(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        _META.create_all(engine)
+        direct = Direct(engine)
+        lock = f"{engine.url.database}-writer.lock"
+
+        def free() -> bool:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: contends
+                return True
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(fd)
+
+        direct(READ, {"id": 7})
+        assert free(), "reads take no lock"
+        direct(INSERT, row(7))
+        assert not free(), "held from the first write..."
+        direct(BUMP, {"id": 7, "seen": 0})
+        direct.commit()
+        assert free(), "...until the commit"
+        direct(BUMP, {"id": 7, "seen": 1})
+        direct.rollback()
+        assert free() and direct(READ, {"id": 7})[0][-1] == 1
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
         direct.close()
     finally:
         engine.dispose()
