@@ -10,8 +10,8 @@ router = APIRouter(tags=["Health"])
 
 
 @router.get("/healthz")
-def healthz() -> HealthResponse:
-    """The process is up and serving requests."""
+async def healthz() -> HealthResponse:
+    """The process is up and serving requests (on the event loop: no thread-pool hand-off)."""
     return HealthResponse(status="ok")
 
 
