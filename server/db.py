@@ -121,6 +121,8 @@ def _compile(stmt: Executable, dialect: Dialect) -> _Compiled:
     compiled = cast(SQLCompiler, cast(ClauseElement, stmt).compile(dialect=dialect))
     binds: dict[str, Callable[[Any], Any]] = {}
     for name, bind in compiled.binds.items():
+        if bind.expanding:
+            raise ValueError(f"Direct cannot run an expanding IN parameter ({name})")
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             binds[name] = process

@@ -160,3 +160,9 @@ def test_sqlite_writers_queue_on_a_file_lock_held_for_the_unit_of_work(sqlite_ur
         direct.close()
     finally:
         engine.dispose()
+
+
+def test_expanding_in_parameters_are_refused_not_misrun(direct: Direct) -> None:
+    with pytest.raises(ValueError, match="expanding"):
+        direct(select(THINGS.c.id).where(THINGS.c.id.in_(bindparam("ids", expanding=True))),
+               {"ids": [1, 2]})
