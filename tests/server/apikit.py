@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +45,20 @@ class Enrolled:
     totp: pyotp.TOTP
     credentials: dict[str, str]
     """slot -> credential id"""
-    _next_step: int = -1
+    _last_step: int = -1
     headers: dict[str, str] = field(default_factory=dict)
 
     def otp(self) -> str:
-        """A TOTP code of a time step not used yet (previous, current, next: rule 6 allows each
-        once, and the server accepts one step of drift)."""
-        if self._next_step > 1:
-            raise AssertionError("more than three OTPs in one time step for this user")
-        code = self.totp.generate_otp(self.totp.timecode(utcnow()) + self._next_step)
-        self._next_step += 1
-        return code
+        """A TOTP code of a time step not used yet (rule 6 accepts each step once): the current
+        step, else the next one (the server accepts one step of drift), else it waits for the
+        next step. Never the previous step: the server checks the PIN (argon2id) before the
+        OTP, and a step boundary passing meanwhile would put that code out of the window."""
+        now = self.totp.timecode(utcnow())
+        if self._last_step > now:
+            time.sleep(self.totp.interval - utcnow().timestamp() % self.totp.interval + 0.05)
+            now = self.totp.timecode(utcnow())
+        self._last_step = max(now, self._last_step + 1)
+        return self.totp.generate_otp(self._last_step)
 
 
 @dataclass
