@@ -291,7 +291,7 @@ def sign_hash(
     order (RSA raw, ECDSA DER).
 
     The busiest path of the server, so it runs on :class:`~server.db.Direct` (seven prebuilt
-    statements on the raw connection, about 70 µs with SQLite) rather than an ORM session.
+    statements on the raw connection) rather than an ORM session.
 
     :raises Unauthorized: the token is not a live access token.
     :raises SadInvalid: replayed, expired, another user's, or a hash it does not cover.
