@@ -77,7 +77,9 @@ class VirtualCard:
         self.reset()
 
     def reset(self) -> None:
-        """Warm reset: forget PIN, management-key auth, pending data and chains."""
+        """Warm reset: forget PIN, management-key auth, pending data and chains, here and in
+        the backend (``KeyBackend.power_cycle``)."""
+        self.applet.backend.power_cycle()
         self.state = SecurityState()
         self._pending = b""
         self._chain = None

@@ -21,6 +21,13 @@ class CardError(Exception):
         super().__init__(message or f"status word {self.sw:04X}")
 
 
+class ExecutionError(CardError):
+    """The command could not be executed and nothing changed (ISO 7816-4 SW 6400): the key
+    backend failed, is unreachable or did not answer in time. The client may retry."""
+
+    sw = SW.EXECUTION_ERROR
+
+
 class WrongLength(CardError):
     sw = SW.WRONG_LENGTH
 

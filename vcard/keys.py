@@ -77,6 +77,11 @@ class KeyBackend(Protocol):
         """Replace the key in ``slot`` with a new one and return its public key."""
         ...
 
+    def power_cycle(self) -> None:
+        """The card was powered off or reset: forget security state kept for this card
+        session outside the card (a remote backend clears the server's PIN mark)."""
+        ...
+
     # Data objects -----------------------------------------------------------------------
 
     def read_object(self, tag: int) -> bytes | None:

@@ -329,6 +329,9 @@ class SoftKeyBackend:
             _atomic_write(file, value, 0o644)
             self._objects[tag] = value
 
+    def power_cycle(self) -> None:
+        """Nothing outside the card holds session state for a local card."""
+
     def card_guid(self) -> bytes:
         return bytes.fromhex(self._card["guid"])
 
