@@ -2,8 +2,8 @@
 
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
-``app.state.hsm``. The session factory and the signing path's ``Direct`` connection (opened on
-first use, returned to the pool at shutdown) live on ``app.state`` too.
+``app.state.hsm``. The session factory lives on ``app.state`` too. Every route goes through the
+one request pipeline of :mod:`server.api.pipeline`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
-from server.db import Direct, make_engine, session_factory
+from server.db import make_engine, session_factory
 from server.hsm import Hsm
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
@@ -48,7 +48,6 @@ def create_app(
     if sessions is None:
         owned = make_engine(settings.db_url)
         sessions = session_factory(owned)
-    direct = Direct(sessions.kw["bind"])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,7 +63,6 @@ def create_app(
             if opened is not None:
                 app.state.hsm = None
                 opened.close()
-            direct.close()
             if owned is not None:
                 owned.dispose()
 
@@ -77,7 +75,6 @@ def create_app(
     app.state.settings = settings
     app.state.hsm = hsm
     app.state.sessions = sessions
-    app.state.direct = direct
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     for module in (csc, health, auth, piv, admin, audit):

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from server import ca
 from server.config import SETTINGS_FILE, Settings
-from server.db import make_engine, migrate, session_factory
+from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.errors import Conflict, InvalidRequest
 from server.hsm import Hsm, KeyRef, softhsm
 from server.services import enrollment, tokens
@@ -150,7 +150,7 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
 def _create_admin_token(settings: Settings) -> None:
     engine = make_engine(settings.db_url)
     try:
-        with session_factory(engine)() as session:
+        with unit_of_work(session_factory(engine)()) as session:
             token = tokens.create_admin_token(session, actor="server-init")
         write_secret(settings.admin_token_file, (token + "\n").encode())
     finally:

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Dialect, Engine, Executable, Result, create_engine, event
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Dialect,
+    Engine,
+    Executable,
+    Result,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ReturnsRows
+
+from server.errors import ServerError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -43,7 +55,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a 30 s busy timeout.
+    """An engine for ``url``; SQLite gets WAL, foreign keys, a 30 s busy timeout and the writer
+    queue of :class:`WriterLock`.
 
     Only PostgreSQL connections are pinged when taken from the pool (a server restart drops
     them); a SQLite file connection cannot go stale, so it skips the extra statement.
@@ -52,13 +65,103 @@ def make_engine(url: str) -> Engine:
     if make_url(url).get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        database = engine.url.database
+        if database and database != ":memory:":
+            WriterLock(f"{database}-writer.lock").install(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit (services commit themselves)."""
+    """Sessions that keep loaded objects usable after commit (the request, or the CLI command,
+    that owns the session commits once)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+_WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
+
+
+class WriterLock:
+    """Queues a SQLite file's writers on an exclusive ``flock`` of ``path``.
+
+    SQLite lets one transaction write at a time; a loser's busy handler naps 1 ms, then 2, 5,
+    10 ms..., which py-spy showed as about 3 % of a server worker's time under signing load.
+    With this lock the first write of a transaction waits in the kernel instead and wakes the
+    moment the previous writer commits or rolls back. Each pooled connection has its own open
+    file (``flock`` belongs to the open file, so two connections of one process exclude each
+    other like two processes do).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def install(self, engine: Engine) -> None:
+        """Take the lock before each transaction's first write and free it when it ends."""
+        _WRITER_LOCKS[engine] = self
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+        for name in ("commit", "rollback"):
+            event.listen(engine, name, self._release)
+        # A connection returned to the pool (or invalidated) mid-transaction ends it too.
+        event.listen(engine, "reset", self._on_reset)
+        event.listen(engine, "invalidate", self._on_invalidate)
+
+    def _before_execute(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.lstrip()[:6].upper().startswith(("SELECT", "PRAGMA")):
+            self.acquire(conn.info)
+
+    def _release(self, conn: Any) -> None:
+        self.release(conn.info)
+
+    def _on_reset(self, dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        self.release(connection_record.info)
+
+    def _on_invalidate(
+        self, dbapi_connection: Any, connection_record: Any, exception: Any
+    ) -> None:
+        self.release(connection_record.info)
+
+    def acquire(self, info: dict[Any, Any]) -> None:
+        """Take the lock for the connection whose ``info`` this is (no-op if it holds it)."""
+        if info.get(self) is True:
+            return
+        fd = info.get((self, "fd"))
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            info[(self, "fd")] = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        info[self] = True
+
+    def release(self, info: dict[Any, Any]) -> None:
+        """Free the lock of the connection whose ``info`` this is, if it holds it."""
+        if info.pop(self, False):
+            fcntl.flock(info[(self, "fd")], fcntl.LOCK_UN)
+
+
+@contextmanager
+def unit_of_work(session: Session) -> Iterator[Session]:
+    """End ``session``'s transaction once, when the block ends: commit when it returns, roll back
+    when it raises, except for a :class:`~server.errors.ServerError` that records an attempt
+    (``commit``: a try spent, a refusal audited), whose writes are committed before it goes on.
+    The session is closed either way. The one rule of every request and CLI command."""
+    try:
+        yield session
+    except ServerError as e:
+        _end(session, commit=e.commit)
+        raise
+    except BaseException:
+        _end(session, commit=False)
+        raise
+    _end(session, commit=True)
+
+
+def _end(session: Session, *, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
 
 
 def alembic_config(url: str) -> Config:
@@ -79,29 +182,17 @@ def affected(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-# --- Core statements on a raw DBAPI connection (the signing path) ----------------------------
+# --- Core statements on the session's DBAPI connection (the per-request hot path) -------------
 
 
 class Runner(Protocol):
-    """Runs one Core statement and returns its rows as tuples (none for DML without
-    RETURNING). Guarded updates use ``RETURNING`` so that the rows say whether they won."""
+    """Runs one Core statement in a session's transaction and returns its rows as tuples (none
+    for DML without RETURNING). Guarded updates use ``RETURNING`` so that the rows say whether
+    they won."""
 
     def __call__(
         self, stmt: Executable, params: Mapping[str, Any] | None = None, /
     ) -> list[tuple[Any, ...]]: ...
-
-
-def runner(db: Session | Runner) -> Runner:
-    """``db`` as a :class:`Runner`: a session runs statements in its own transaction."""
-    if not isinstance(db, Session):
-        return db
-    session = db
-
-    def run(stmt: Executable, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        result = cast(CursorResult[Any], session.execute(stmt, params))
-        return [tuple(r) for r in result] if result.returns_rows else []
-
-    return run
 
 
 @dataclass(frozen=True)
@@ -122,7 +213,7 @@ def _compile(stmt: Executable, dialect: Dialect) -> _Compiled:
     binds: dict[str, Callable[[Any], Any]] = {}
     for name, bind in compiled.binds.items():
         if bind.expanding:
-            raise ValueError(f"Direct cannot run an expanding IN parameter ({name})")
+            raise ValueError(f"a Runner cannot run an expanding IN parameter ({name})")
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             binds[name] = process
@@ -138,43 +229,31 @@ def _compile(stmt: Executable, dialect: Dialect) -> _Compiled:
     )
 
 
-class Direct:
-    """One DBAPI connection of ``engine`` with Core statements compiled once per process.
+_COMPILED: dict[tuple[int, str], tuple[Executable, _Compiled]] = {}
+"""Statements compiled per (statement, dialect); the statements are module constants."""
 
-    SQLAlchemy's ``execute`` spent about 60 µs per statement in this Python (cache lookup,
-    execution context, result objects) while SQLite itself needed about 10, measured in a loop
-    while building this; ``signHash`` runs
-    seven statements per request, so it runs them here: the same statements, compiled by
-    SQLAlchemy for the engine's dialect, with their types' bind and result processors, on the
-    raw connection. Not thread-safe: its owner (one event loop) runs one unit of work at a time
-    and must end each with :meth:`commit` or :meth:`rollback`. Transactions begin as the DBAPI
-    begins them (pysqlite: at the first write; psycopg: at the first statement).
 
-    On a SQLite file, the first write of a unit of work also takes an exclusive ``flock`` on
-    ``<database>-writer.lock`` until the unit ends. Server workers then queue for the write
-    lock in the kernel and wake the moment it is free; otherwise SQLite's busy handler makes a
-    loser nap for 1 ms, then 2, 5, 10 ms..., which py-spy showed as about 3 % of a worker's
-    time under signHash load.
+def runner(session: Session) -> Runner:
+    """Run prebuilt Core statements in ``session``'s transaction, on its DBAPI connection.
+
+    ``Session.execute`` spent about 60 µs per statement in this Python (cache lookup, execution
+    context, result objects) while SQLite itself needed about 10, measured in a loop when the
+    signing path was first tuned; the statements every request runs (token, credential, PIN
+    mark, audit append) therefore run here: the same statements, compiled once per dialect by
+    SQLAlchemy, with their types' bind and result processors, on the connection the session
+    holds for its current transaction (begun if none is). Statements must be module-level
+    constants (they are cached by identity). The session still owns the transaction: it commits
+    or rolls back.
     """
+    dialect = session.get_bind().dialect
+    writer_lock = _writer_lock(session.get_bind())
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._conn: PoolProxiedConnection | None = None
-        self._compiled: dict[int, tuple[Executable, _Compiled]] = {}
-        database = engine.url.database if engine.dialect.name == "sqlite" else None
-        self._lock_path = (
-            f"{database}-writer.lock" if database and database != ":memory:" else None
-        )
-        self._lock_fd: int | None = None
-        self._locked = False
-
-    def __call__(
-        self, stmt: Executable, params: Mapping[str, Any] | None = None, /
-    ) -> list[tuple[Any, ...]]:
-        entry = self._compiled.get(id(stmt))
+    def run(stmt: Executable, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        key = (id(stmt), dialect.name)
+        entry = _COMPILED.get(key)
         if entry is None or entry[0] is not stmt:
-            entry = (stmt, _compile(stmt, self._engine.dialect))
-            self._compiled[id(stmt)] = entry
+            entry = (stmt, _compile(stmt, dialect))
+            _COMPILED[key] = entry
         c = entry[1]
         values = {**c.literals, **(params or {})}
         for name, process in c.binds.items():
@@ -182,9 +261,13 @@ class Direct:
         args: Sequence[Any] | Mapping[str, Any] = (
             [values[n] for n in c.order] if c.order is not None else values
         )
-        if c.writes and not self._locked:
-            self._lock_writers()
-        cursor = self._connection().cursor()
+        conn = session.connection()
+        dbapi = conn.connection.dbapi_connection
+        if dbapi is None:
+            raise RuntimeError("the session's connection is closed")
+        if c.writes and writer_lock is not None:
+            writer_lock.acquire(conn.info)
+        cursor = dbapi.cursor()
         try:
             cursor.execute(c.sql, args)
             if cursor.description is None:
@@ -195,60 +278,15 @@ class Direct:
                 tuple(v if p is None else p(v) for v, p in zip(row, c.results, strict=True))
                 for row in cursor.fetchall()
             ]
-        except self._engine.dialect.loaded_dbapi.Error as e:
-            if self._engine.dialect.is_disconnect(e, self._conn, cursor):
-                self._drop()
+        except dialect.loaded_dbapi.Error as e:
+            if dialect.is_disconnect(e, dbapi, cursor):
+                conn.invalidate(e)
             raise
         finally:
             cursor.close()
 
-    def _connection(self) -> PoolProxiedConnection:
-        if self._conn is None:
-            self._conn = self._engine.raw_connection()
-        return self._conn
+    return run
 
-    def _lock_writers(self) -> None:
-        if self._lock_path is None:
-            return
-        if self._lock_fd is None:
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._locked = True
 
-    def _unlock_writers(self) -> None:
-        if self._locked and self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        self._locked = False
-
-    def commit(self) -> None:
-        """Commit the unit of work."""
-        try:
-            if self._conn is not None:
-                self._conn.commit()
-        finally:
-            self._unlock_writers()
-
-    def rollback(self) -> None:
-        """Undo the unit of work (after an error, or a refused request)."""
-        try:
-            if self._conn is not None:
-                self._conn.rollback()
-        except self._engine.dialect.loaded_dbapi.Error:
-            self._drop()
-        finally:
-            self._unlock_writers()
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.invalidate()
-            self._conn = None
-
-    def close(self) -> None:
-        """Return the connection to the engine's pool (ending any unit of work)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._unlock_writers()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+def _writer_lock(bind: Engine | Connection) -> WriterLock | None:
+    return _WRITER_LOCKS.get(bind.engine)

@@ -12,10 +12,18 @@ class ServerError(Exception):
 
     code: str = "server_error"
     status: int = 500
+    commit: bool = False
+    """Whether the request's writes so far are committed although it fails: True for errors
+    that record an attempt (a try spent, a refusal audited), which must outlive the answer."""
 
     def __init__(self, description: str = "") -> None:
         super().__init__(description or self.code)
         self.description = description or self.code
+
+    def recorded(self) -> ServerError:
+        """This error, marked as recording an attempt (:attr:`commit`); ``raise e.recorded()``."""
+        self.commit = True
+        return self
 
 
 class InvalidRequest(ServerError):
@@ -30,6 +38,12 @@ class Unauthorized(ServerError):
 
     code = "unauthorized"
     status = 401
+
+
+class InvalidDpopProof(Unauthorized):
+    """A missing, malformed, misbound, stale or replayed DPoP proof (RFC 9449 §7.1)."""
+
+    code = "invalid_dpop_proof"
 
 
 class Forbidden(ServerError):
@@ -58,6 +72,7 @@ class RateLimited(ServerError):
 
     code = "rate_limited"
     status = 429
+    commit = True
 
 
 class HsmError(ServerError):
@@ -72,6 +87,7 @@ class PinIncorrect(ServerError):
 
     code = "invalid_pin"
     status = 400
+    commit = True
 
     def __init__(self, retries: int, description: str = "") -> None:
         super().__init__(description or f"Incorrect PIN, {retries} tries left")
@@ -83,6 +99,7 @@ class PinBlocked(ServerError):
 
     code = "pin_blocked"
     status = 403
+    commit = True
 
 
 class PukIncorrect(PinIncorrect):
@@ -99,6 +116,7 @@ class InvalidOtp(ServerError):
 
     code = "invalid_otp"
     status = 400
+    commit = True
 
 
 class SadInvalid(InvalidRequest):
@@ -110,9 +128,11 @@ class PaddingRejected(InvalidRequest):
     """A raw RSA block is not an allowed encoding for this key (security rule 3)."""
 
     code = "invalid_padding"
+    commit = True
 
 
 class PinRequired(Forbidden):
     """The key needs a PIN verification in this session first (the card answers 6982)."""
 
     code = "pin_required"
+    commit = True

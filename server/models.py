@@ -124,6 +124,9 @@ class AuthToken(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("auth_tokens.id"))
     """For an access token: the refresh token it came with (revoking that revokes this)."""
     second_factor: Mapped[bool] = mapped_column(Boolean, default=False)
+    jkt: Mapped[str | None] = mapped_column(String(64))
+    """For a device-bound token: the JWK thumbprint of the device key (RFC 9449 ``cnf.jkt``)
+    whose DPoP proof must come with every use."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -169,8 +172,20 @@ class Device(Base):
     public_key_pem: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
     """SHA-256 (hex) of the device public key's SubjectPublicKeyInfo."""
+    jkt: Mapped[str] = mapped_column(String(64), unique=True)
+    """JWK SHA-256 thumbprint of the device key (RFC 7638): what its DPoP proofs name."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DpopProof(Base):
+    """A DPoP proof already used (RFC 9449 §11.1), kept while a replay would be accepted."""
+
+    __tablename__ = "dpop_proofs"
+
+    jti_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """SHA-256 (hex) of the key thumbprint and the proof's ``jti``."""
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class AuditRecord(Base):

@@ -95,6 +95,8 @@ class ErrorResponse(BaseModel):
 
     error: str
     error_description: str
+    retries: int | None = None
+    """With ``invalid_pin`` and ``invalid_puk``: the tries left (the card answers 63Cx)."""
 
 
 # --- CSC -------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ class RefreshRequest(_Strict):
 class TokenResponse(BaseModel):
     access_token: str
     refresh_token: str | None = None
-    token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 -- the scheme name
+    token_type: Literal["Bearer", "DPoP"] = "Bearer"  # noqa: S105 -- the scheme name
     expires_in: int
 
 
@@ -335,6 +337,11 @@ class PinUnblockRequest(_Strict):
     new_pin: Pin
 
 
+class PukChangeRequest(_Strict):
+    puk: Pin
+    new_puk: Pin
+
+
 class PinStatusResponse(BaseModel):
     pin_retries: int
     puk_retries: int
@@ -343,19 +350,27 @@ class PinStatusResponse(BaseModel):
     verified: bool
 
 
-class RsaBlockRequest(_Strict):
+Otp = Annotated[str, StringConstraints(pattern=r"^[0-9]{6,8}$")]
+
+
+class _KeyOpRequest(_Strict):
+    otp: Otp | None = None
+    """A fresh TOTP, for a credential enrolled with ``--otp-per-signature`` (sole control)."""
+
+
+class RsaBlockRequest(_KeyOpRequest):
     block: Base64Bytes
 
 
-class DigestRequest(_Strict):
+class DigestRequest(_KeyOpRequest):
     digest: Base64Bytes
 
 
-class MessageRequest(_Strict):
+class MessageRequest(_KeyOpRequest):
     message: Base64Bytes
 
 
-class PeerPointRequest(_Strict):
+class PeerPointRequest(_KeyOpRequest):
     peer_point: Base64Bytes
 
 
@@ -375,6 +390,10 @@ class DeviceCredential(BaseModel):
     credential_id: str
     alg: str
     certificate: str
+    pin_always: bool
+    """The key needs the PIN verified right before each use (PIV PIN policy "always")."""
+    otp_per_signature: bool
+    """Each use needs a fresh TOTP (sole control)."""
 
 
 class DeviceEnrollResponse(BaseModel):

@@ -16,8 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import ServerError
+from server.errors import PinIncorrect, ServerError
 from server.schemas import ErrorResponse
+from server.services.dpop import ALGORITHMS
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,19 @@ def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-def error_response(status: int, code: str, description: str) -> JSONResponse:
-    """Build the error body; 401 responses also name the Bearer scheme (RFC 6750 §3)."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        {"error": code, "error_description": description}, status_code=status, headers=headers
+def error_response(
+    status: int, code: str, description: str, *, retries: int | None = None
+) -> JSONResponse:
+    """Build the error body; 401 responses also name the schemes (RFC 6750 §3, RFC 9449 §7.1)."""
+    headers = (
+        {"WWW-Authenticate": f'DPoP algs="{" ".join(ALGORITHMS)}", Bearer'}
+        if status == 401
+        else None
     )
+    body: dict[str, Any] = {"error": code, "error_description": description}
+    if retries is not None:
+        body["retries"] = retries
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -52,7 +60,8 @@ def install_error_handlers(app: FastAPI) -> None:
     def server_error(_: Request, exc: ServerError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.description)
-        return error_response(exc.status, exc.code, exc.description)
+        retries = exc.retries if isinstance(exc, PinIncorrect) else None
+        return error_response(exc.status, exc.code, exc.description, retries=retries)
 
     @app.exception_handler(RequestValidationError)
     def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

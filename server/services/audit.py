@@ -20,7 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from server.db import Runner, runner
+from server.db import runner
 from server.models import AuditHead, AuditRecord, utcnow
 
 GENESIS_HASH = "0" * 64
@@ -39,6 +39,8 @@ class Event(StrEnum):
     PIN_CHANGE = "pin.change"
     PIN_UNBLOCK = "pin.unblock"
     PIN_UNBLOCK_FAILED = "pin.unblock.failed"
+    PUK_CHANGE = "puk.change"
+    PUK_CHANGE_FAILED = "puk.change.failed"
     OTP_FAILED = "otp.failed"
     AUTHORIZE = "credential.authorize"
     SIGN = "sign"
@@ -101,7 +103,7 @@ _INSERT = insert(_LOG).values({c.name: bindparam(c.name) for c in _LOG.columns})
 
 
 def append(
-    db: Session | Runner,
+    session: Session,
     *,
     actor: str,
     event: Event | str,
@@ -114,7 +116,7 @@ def append(
     :param subject: what was acted on, e.g. ``"user:bob"``, ``"credential:<id>"``.
     :param details: non-secret facts (never PINs, passwords, OTPs, tokens or key material).
     """
-    run = runner(db)
+    run = runner(session)
     rows = run(_NEXT_SEQ)
     if not rows:
         raise RuntimeError("audit_head row missing: run the migrations")
@@ -137,19 +139,6 @@ def append(
     )
     run(_SET_TIP, {"tip": digest})
     return seq
-
-
-def log(
-    session: Session,
-    *,
-    actor: str,
-    event: Event | str,
-    subject: str = "",
-    details: Mapping[str, Any] | None = None,
-) -> None:
-    """Append one record and commit it on its own (for events with no other state change)."""
-    append(session, actor=actor, event=event, subject=subject, details=details)
-    session.commit()
 
 
 def _records(session: Session, upto: int | None = None) -> Iterator[AuditRecord]:

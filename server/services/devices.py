@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Devices: a workstation redeems a one-time enrollment code with its device public key."""
+"""Devices: a workstation redeems a one-time enrollment code with its device public key, whose
+DPoP proofs (RFC 9449) then come with each of its requests (:mod:`server.services.dpop`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from server.models import Credential, Device, EnrollmentCode, User, utcnow
-from server.services import audit, credentials
+from server.services import audit, credentials, dpop
 from server.services.hashing import new_token, token_digest
-
-MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True)
@@ -29,43 +28,54 @@ class DeviceEnrollment:
     credentials: list[Credential]
 
 
-def _load_public_key(pem: str) -> tuple[str, str]:
-    """Normalised PEM and SHA-256 (hex) of the SubjectPublicKeyInfo of a device key."""
+@dataclass(frozen=True)
+class _DeviceKey:
+    pem: str
+    fingerprint: str
+    """SHA-256 (hex) of the SubjectPublicKeyInfo."""
+    jkt: str
+    """JWK SHA-256 thumbprint (RFC 7638), what DPoP proofs name."""
+
+
+def _load_public_key(pem: str) -> _DeviceKey:
+    """A device key, which signs DPoP proofs: P-256 (ES256), P-384 (ES384) or Ed25519."""
     try:
         key = serialization.load_pem_public_key(pem.encode())
     except (ValueError, TypeError) as e:
         raise InvalidRequest("device_public_key is not a PEM public key") from e
-    ok = (
+    if not (
         isinstance(key, ec.EllipticCurvePublicKey)
         and key.curve.name in ("secp256r1", "secp384r1")
         or isinstance(key, ed25519.Ed25519PublicKey)
-        or isinstance(key, rsa.RSAPublicKey)
-        and key.key_size >= MIN_RSA_BITS
-    )
-    if not ok:
-        raise InvalidRequest("device keys are P-256, P-384, Ed25519 or RSA >= 2048")
+    ):
+        raise InvalidRequest("device keys are P-256, P-384 or Ed25519")
     der = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     pem_out = key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
-    return pem_out, hashlib.sha256(der).hexdigest()
+    return _DeviceKey(
+        pem_out, hashlib.sha256(der).hexdigest(), dpop.thumbprint(dpop.public_jwk(key))
+    )
 
 
 def redeem(session: Session, code: str, device_public_key_pem: str) -> DeviceEnrollment:
     """Spend an enrollment code (once, atomically) and register the device key.
 
+    :param code: the code's secret, or the whole code as ``admin enroll`` printed it (the part
+        after the dot pins the CA, for the device's own use).
+
     :raises InvalidRequest: bad key, or an unknown, expired or used code (not told apart).
     :raises Conflict: this device key is already registered.
     """
-    pem, fingerprint = _load_public_key(device_public_key_pem)
-    if session.scalar(select(Device.id).where(Device.fingerprint == fingerprint)) is not None:
+    key = _load_public_key(device_public_key_pem)
+    if session.scalar(select(Device.id).where(Device.fingerprint == key.fingerprint)) is not None:
         raise Conflict("this device key is already registered")
     row = session.execute(
         update(EnrollmentCode)
         .where(
-            EnrollmentCode.code_hash == token_digest(code),
+            EnrollmentCode.code_hash == token_digest(code.split(".", 1)[0]),
             EnrollmentCode.used_at.is_(None),
             EnrollmentCode.expires_at > utcnow(),
         )
@@ -74,29 +84,29 @@ def redeem(session: Session, code: str, device_public_key_pem: str) -> DeviceEnr
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if row is None:
-        session.rollback()
         raise InvalidRequest("invalid, expired or already used enrollment code")
     user = session.get(User, int(row[0]))
     if user is None or user.disabled:
-        session.rollback()
         raise Forbidden("the user is disabled")
     device = Device(
-        id=new_token()[:22], user_id=user.id, public_key_pem=pem, fingerprint=fingerprint
+        id=new_token()[:22],
+        user_id=user.id,
+        public_key_pem=key.pem,
+        fingerprint=key.fingerprint,
+        jkt=key.jkt,
     )
     session.add(device)
     try:
         session.flush()
     except IntegrityError as e:  # the same key registered concurrently
-        session.rollback()
         raise Conflict("this device key is already registered") from e
     audit.append(
         session,
         actor=f"device:{device.id}",
         event=audit.Event.DEVICE_ENROLL,
         subject=f"user:{user.name}",
-        details={"fingerprint": fingerprint},
+        details={"fingerprint": key.fingerprint},
     )
-    session.commit()
     return DeviceEnrollment(device.id, user.name, credentials.list_for_user(session, user.id))
 
 

@@ -2,12 +2,14 @@
 """Enrollment: a user's PIV keys generated in the HSM, their certificates, PIN, PUK, TOTP and a
 one-time enrollment code; revocation; CSR and certificate import for an external CA.
 
-No partial writes (rule 8): if any HSM or CA step fails, the database is rolled back and the
-keys generated so far are destroyed.
+No partial writes (rule 8): if any HSM or CA step fails, the keys generated so far are destroyed
+and the error rolls the request's transaction back.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -40,7 +42,8 @@ class EnrolledCredential:
 
 @dataclass(frozen=True)
 class EnrollmentResult:
-    """What ``admin enroll`` prints; PIN, PUK and code are shown once and never stored."""
+    """What ``admin enroll`` prints; PIN, PUK and code are shown once and never stored. The
+    code is ``SECRET.CAPIN``: the secret redeems it once, :func:`ca_pin` pins the CA."""
 
     user: str
     pin: str
@@ -56,6 +59,14 @@ def load_ca(settings: Settings) -> tuple[KeyRef, x509.Certificate]:
         raise ServerError("the data directory has no CA: run `cardbridge server init`")
     cert = x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
     return KeyRef(settings.ca_key_id, KeyAlg(settings.ca_key_alg)), cert
+
+
+def ca_pin(ca_cert: x509.Certificate) -> str:
+    """What an enrollment code carries after its dot: base64url (RFC 4648 §5, unpadded) of the
+    SHA-256 of the CA certificate (DER), so the device can check the server before it sends the
+    code (as a kubeadm join token pins the cluster's CA)."""
+    digest = hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def _slot_alg(alg: KeyAlg, slot: str) -> KeyAlg:
@@ -118,10 +129,11 @@ def enroll(
         pin, puk = pins.random_digits(PIN_LEN), pins.random_digits(pins.PUK_LEN)
         pins.set_initial(user, pin, puk, policy)
         secret = otp.new_secret(user)
-        code = new_token()[:24]
+        code_secret = new_token()[:24]
+        code = f"{code_secret}.{ca_pin(ca_cert)}"
         session.add(
             EnrollmentCode(
-                code_hash=token_digest(code),
+                code_hash=token_digest(code_secret),
                 user_id=user.id,
                 expires_at=utcnow() + policy.ttl("enrollment_code_ttl"),
             )
@@ -137,9 +149,8 @@ def enroll(
                 "credentials": {c.slot: c.credential_id for c in enrolled},
             },
         )
-        session.commit()
+        session.flush()
     except BaseException:
-        session.rollback()
         for ref in generated:
             try:
                 hsm.destroy_key(ref)
@@ -172,7 +183,6 @@ def revoke(session: Session, name: str, *, actor: str = "admin") -> int:
         subject=f"user:{name}",
         details={"credentials": [c.id for c in creds]},
     )
-    session.commit()
     return len(creds)
 
 
@@ -190,7 +200,6 @@ def make_csr(session: Session, hsm: Hsm, name: str, slot: str, *, actor: str = "
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     csr = ca.build_csr(hsm, credentials.key_ref(cred), subject)
     audit.append(session, actor=actor, event=audit.Event.CERT_CSR, subject=f"credential:{cred.id}")
-    session.commit()
     pem: bytes = csr.public_bytes(serialization.Encoding.PEM)
     return pem.decode()
 
@@ -220,5 +229,4 @@ def import_cert(
         subject=f"credential:{cred.id}",
         details={"serial": format(cert.serial_number, "x"), "issuer": cert.issuer.rfc4514_string()},
     )
-    session.commit()
     return cred

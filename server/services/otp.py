@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import datetime, timedelta
+from typing import NamedTuple, Protocol
 from urllib.parse import quote
 
 import pyotp
@@ -31,6 +32,27 @@ STEP = 30
 DRIFT_STEPS = 1
 """Codes of the previous and next time step are accepted too (clock drift)."""
 RATE_LIMITED = "too many failed authentications; try again later"
+
+
+class OtpHolder(Protocol):
+    """Whose one-time password is checked: a ``User``, or an :class:`Owner` read with a key."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def otp_secret(self) -> str | None: ...
+
+
+class Owner(NamedTuple):
+    """The OTP state of a user, as read with a credential."""
+
+    id: int
+    name: str
+    otp_secret: str | None
 
 
 def new_secret(user: User) -> str:
@@ -100,21 +122,20 @@ def may_fail(session: Session, user_id: int, policy: Policy) -> bool:
 
 def verify(
     session: Session,
-    user: User,
+    user: OtpHolder,
     code: str,
     policy: Policy,
     *,
     actor: str | None = None,
     now: datetime | None = None,
 ) -> None:
-    """Accept ``code`` for ``user`` once, or raise; commits the counters either way.
+    """Accept ``code`` for ``user`` once, or raise (the error records the attempt).
 
     :raises RateLimited: too many failures in the window (nothing is checked).
     :raises InvalidOtp: wrong code, a step already used, or no TOTP secret.
     """
     now = now or utcnow()
     if not count_failure(session, user.id, policy, now=now):
-        session.rollback()
         raise RateLimited(RATE_LIMITED)
     step = _matching_step(user.otp_secret, code, now) if user.otp_secret else None
     if step is not None:
@@ -128,7 +149,6 @@ def verify(
             )
         )
         if accepted == 1:
-            session.commit()
             return
     audit.append(
         session,
@@ -137,5 +157,4 @@ def verify(
         subject=f"user:{user.name}",
         details={"reason": "reused" if step is not None else "wrong"},
     )
-    session.commit()
     raise InvalidOtp("invalid or already used one-time password")

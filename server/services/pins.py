@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Server-side PIN and PUK (DESIGN.md rules 2 and 5; SP 800-73-4 Pt 2 §3.2 VERIFY/RESET RETRY).
 
-An attempt reads the counter and the argon2id hash, ends that read transaction, and checks the
-value with no transaction open: argon2id takes tens of milliseconds, and holding SQLite's
-database-wide write lock (or a PostgreSQL row lock) meanwhile queued every other writer behind
-it. The outcome is then applied in one guarded statement, which is where the attempt takes
+An attempt reads the counter and the argon2id hash and checks the value before it writes
+anything: argon2id takes tens of milliseconds, and holding SQLite's database-wide write lock (or
+a PostgreSQL row lock) meanwhile would queue every other writer behind it; a read takes no
+lock. The outcome is then applied in one guarded statement, which is where the attempt takes
 its place among concurrent ones:
 
 - a wrong value spends a try: ``UPDATE ... SET retries = retries - 1 WHERE retries > 0``;
@@ -15,10 +15,11 @@ its place among concurrent ones:
 Concurrent wrong PINs therefore each cost one try, a correct PIN is never refused because
 other checks are in flight, and no outcome is revealed once the counter is 0: however many
 guesses run in parallel, at most ``retries`` wrong ones are ever answered. The audit record is
-written in the transaction that changes the counter. Counters live in the database, so they
-survive restarts. They are only ever changed by SQL, never through the ORM object (a stale
-attribute flushed later would undo a concurrent decrement); the object is then brought up to
-date without being marked dirty (:func:`_mirror`).
+written in the transaction that changes the counter, and the errors record the attempt
+(``ServerError.commit``), so the request commits both even though it fails. Counters live in
+the database, so they survive restarts. They are only ever changed by SQL, never through the
+ORM object (a stale attribute flushed later would undo a concurrent decrement); the object is
+then brought up to date without being marked dirty (:func:`_mirror`).
 """
 
 from __future__ import annotations
@@ -97,9 +98,8 @@ def _current(
     counter: InstrumentedAttribute[int],
     stored: InstrumentedAttribute[str | None],
 ) -> tuple[int, str | None]:
-    """The counter and hash as committed now; ends the transaction so no lock is held after."""
+    """The counter and hash as committed now."""
     row = session.execute(select(counter, stored).where(User.id == user.id)).one()
-    session.commit()
     return int(row[0]), row[1]
 
 
@@ -180,9 +180,9 @@ def _present(
 ) -> None:
     """Check ``value`` against a PIN or PUK, then apply the outcome atomically.
 
-    argon2id runs with no transaction open; a correct value applies ``on_correct()`` only if
-    the counter still has tries and the hash is unchanged (else it counts as wrong), a wrong
-    one spends a try with one guarded statement. Commits, with its audit record, either way.
+    argon2id runs before anything is written; a correct value applies ``on_correct()`` only
+    if the counter still has tries and the hash is unchanged (else it counts as wrong), a wrong
+    one spends a try with one guarded statement; either way with its audit record.
 
     :raises ServerError: ``wrong(retries_left)`` for a wrong value.
     :raises PinBlocked: no tries left; nothing was checked.
@@ -194,7 +194,6 @@ def _present(
         values = on_correct() if verify_secret(stored, value) else None
         if values is not None and _accept(session, user, counter, stored_hash, stored, values):
             audit.append(session, actor=actor, event=ok_event, subject=subject)
-            session.commit()
             _mirror(user, **values)
             return
         spent = _spend_try(session, user, counter)
@@ -206,13 +205,11 @@ def _present(
                 subject=subject,
                 details={"retries": spent},
             )
-            session.commit()
             _mirror(user, **{counter.key: spent})
             raise wrong(spent)
     audit.append(
         session, actor=actor, event=failed_event, subject=subject, details={"blocked": True}
     )
-    session.commit()
     _mirror(user, **{counter.key: 0})
     raise PinBlocked(f"{what} blocked")
 
@@ -220,7 +217,7 @@ def _present(
 def verify(
     session: Session, user: User, pin: str, policy: Policy, *, actor: str | None = None
 ) -> None:
-    """Check the user's PIN; commits the counter either way.
+    """Check the user's PIN (a wrong one spends a try, recorded by the error).
 
     :raises PinIncorrect: wrong PIN (``retries`` left, possibly 0).
     :raises PinBlocked: no tries left; nothing was checked.
@@ -251,7 +248,28 @@ def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Pol
         event=audit.Event.PIN_CHANGE,
         subject=f"user:{user.name}",
     )
-    session.commit()
+
+
+def change_puk(session: Session, user: User, old_puk: str, new_puk: str, policy: Policy) -> None:
+    """Change the PUK after checking the old one (CHANGE REFERENCE DATA, key reference 81).
+
+    :raises PukIncorrect: wrong PUK (``retries`` PUK tries left).
+    :raises PinBlocked: the PUK is blocked.
+    """
+    validate_puk(new_puk)
+    _require_pin_set(user)
+    _present(
+        session,
+        user,
+        old_puk,
+        counter=User.puk_retries,
+        stored_hash=User.puk_hash,
+        on_correct=lambda: {"puk_hash": hash_secret(new_puk), "puk_retries": policy.puk_tries},
+        events=(audit.Event.PUK_CHANGE, audit.Event.PUK_CHANGE_FAILED),
+        wrong=PukIncorrect,
+        what="PUK",
+        actor=f"user:{user.name}",
+    )
 
 
 def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy) -> None:
@@ -289,7 +307,6 @@ def admin_unblock(
     pin = validate_pin(new_pin) if new_pin is not None else random_digits(PIN_MIN)
     _set_pin(session, user, pin, policy)
     audit.append(session, actor=actor, event=audit.Event.ADMIN_UNBLOCK, subject=f"user:{user.name}")
-    session.commit()
     return pin
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import Runner, affected, runner
+from server.db import affected, runner
 from server.errors import InvalidRequest, SadInvalid
 from server.models import Sad, utcnow
 from server.services import audit
@@ -78,7 +78,6 @@ def authorize(
         subject=f"credential:{credential_id}",
         details={"num_signatures": num_signatures, "pinned": hashes is not None},
     )
-    session.commit()
     return SadGrant(sad, policy.sad_ttl)
 
 
@@ -115,8 +114,8 @@ _SPEND = (
 )
 
 
-def _load(db: Session | Runner, sad: str, user_id: int, credential_id: str) -> _Held:
-    rows = runner(db)(_LOAD, {"digest": token_digest(sad)})
+def _load(session: Session, sad: str, user_id: int, credential_id: str) -> _Held:
+    rows = runner(session)(_LOAD, {"digest": token_digest(sad)})
     if not rows:
         raise SadInvalid("Invalid parameter SAD")
     sad_id, owner_id, owner_credential, remaining, hashes, hash_oid, expires_at = rows[0]
@@ -129,14 +128,36 @@ def _load(db: Session | Runner, sad: str, user_id: int, credential_id: str) -> _
     return _Held(sad_id, remaining, hashes, hash_oid)
 
 
-def _consume(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[str] | None:
-    """The pinned digests left after signing ``hashes``; raises if one is not covered."""
+@dataclass(frozen=True)
+class Spending:
+    """A SAD checked to cover some digests, not spent yet (:func:`spend` spends it)."""
+
+    held: _Held
+    count: int
+    left_hashes: list[str] | None
+
+
+def check(
+    session: Session,
+    sad: str,
+    *,
+    user_id: int,
+    credential_id: str,
+    hashes: Sequence[bytes],
+    hash_oid: str | None = None,
+) -> Spending:
+    """Check that ``sad`` authorizes signing ``hashes`` now, without spending it.
+
+    :raises SadInvalid: unknown, another user's or credential's, expired, used up, or not
+        covering one of ``hashes``.
+    """
+    row = _load(session, sad, user_id, credential_id)
     if len(hashes) == 0:
         raise InvalidRequest("no hashes to sign")
     if len(hashes) > row.remaining:
         raise SadInvalid("more hashes than the SAD authorizes")
     if row.hashes is None:
-        return None
+        return Spending(row, len(hashes), None)
     if hash_oid is not None and row.hash_oid is not None and hash_oid != row.hash_oid:
         raise SadInvalid("hash algorithm differs from the one authorized")
     left = list(row.hashes)
@@ -144,47 +165,29 @@ def _consume(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[
         if h not in left:
             raise SadInvalid("Hash is not authorized by the SAD")
         left.remove(h)
-    return left
+    return Spending(row, len(hashes), left)
 
 
-def spend(
-    db: Session | Runner,
-    sad: str,
-    *,
-    user_id: int,
-    credential_id: str,
-    hashes: Sequence[bytes],
-    hash_oid: str | None = None,
-    actor: str = "",
-) -> None:
-    """Spend ``len(hashes)`` signatures of ``sad`` and audit the signing, in the caller's
-    transaction: the caller commits, or rolls back when this raises.
+def spend(session: Session, spending: Spending) -> int:
+    """Spend what :func:`check` found, in the caller's transaction, atomically: of two
+    concurrent spends of one SAD exactly one wins. Returns the SAD's row id (for the audit).
 
-    :raises SadInvalid: unknown, another user's or credential's, expired, used up, raced by a
-        concurrent spend, or not covering one of ``hashes``.
+    :raises SadInvalid: a concurrent spend won, or the SAD expired meanwhile.
     """
-    run = runner(db)
-    row = _load(run, sad, user_id, credential_id)
-    left = _consume(row, hashes, hash_oid)
-    won = run(
+    row = spending.held
+    won = runner(session)(
         _SPEND,
         {
             "sad_id": row.id,
             "seen": row.remaining,
             "now": utcnow(),
-            "left": row.remaining - len(hashes),
-            "left_hashes": left,
+            "left": row.remaining - spending.count,
+            "left_hashes": spending.left_hashes,
         },
     )
     if not won:
         raise SadInvalid("SAD already used")
-    audit.append(
-        run,
-        actor=actor or f"user-id:{user_id}",
-        event=audit.Event.SIGN,
-        subject=f"credential:{credential_id}",
-        details={"count": len(hashes), "hash_oid": hash_oid},
-    )
+    return row.id
 
 
 def extend(
@@ -214,7 +217,6 @@ def extend(
         )
     )
     if won != 1:
-        session.rollback()
         raise SadInvalid("SAD already used")
     new = new_token()
     session.add(
@@ -228,5 +230,4 @@ def extend(
             expires_at=utcnow() + policy.ttl("sad_ttl"),
         )
     )
-    session.commit()
     return SadGrant(new, policy.sad_ttl)

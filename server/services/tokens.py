@@ -3,6 +3,9 @@
 
 Tokens are 256-bit random strings; only their SHA-256 is stored. A refresh token is rotated on
 use; revoking it also revokes the access tokens it produced (CSC auth/revoke semantics).
+Tokens issued to an enrolled device are bound to its key (``jkt``, RFC 9449): every use then
+needs a DPoP proof of that key (``server.services.dpop``, checked by the request pipeline).
+Services here never commit: the request (or CLI command) that calls them owns the transaction.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import Runner, affected, runner
-from server.errors import InvalidOtp, RateLimited, Unauthorized
-from server.models import AuthToken, User, utcnow
+from server.db import affected, runner
+from server.errors import Forbidden, InvalidOtp, RateLimited, ServerError, Unauthorized
+from server.models import AuthToken, Device, User, utcnow
 from server.services import audit, otp, users
 from server.services.hashing import new_token, token_digest
 
@@ -45,6 +48,11 @@ class Principal:
     token_id: int
     second_factor: bool
     """The session was opened with password and TOTP (False for CSC password-only logins)."""
+    jkt: str | None = None
+    """The device key this session is bound to (RFC 9449), or None for an unbound token."""
+    session_id: int = 0
+    """The login session: the refresh token an access token came with (itself without one);
+    PIV PIN marks hang off it."""
 
     @property
     def actor(self) -> str:
@@ -61,6 +69,7 @@ def _store(
     expires_at: datetime | None,
     second_factor: bool = False,
     parent_id: int | None = None,
+    jkt: str | None = None,
 ) -> AuthToken:
     row = AuthToken(
         token_hash=token_digest(token),
@@ -69,14 +78,17 @@ def _store(
         expires_at=expires_at,
         second_factor=second_factor,
         parent_id=parent_id,
+        jkt=jkt,
     )
     session.add(row)
     session.flush()
     return row
 
 
-def issue_pair(session: Session, user: User, policy: Policy, *, second_factor: bool) -> TokenPair:
-    """New access + refresh tokens for ``user`` (caller commits)."""
+def issue_pair(
+    session: Session, user: User, policy: Policy, *, second_factor: bool, jkt: str | None = None
+) -> TokenPair:
+    """New access + refresh tokens for ``user``, bound to the device key ``jkt`` if given."""
     now = utcnow()
     refresh, access = new_token(), new_token()
     parent = _store(
@@ -86,6 +98,7 @@ def issue_pair(session: Session, user: User, policy: Policy, *, second_factor: b
         user_id=user.id,
         expires_at=now + policy.ttl("refresh_token_ttl"),
         second_factor=second_factor,
+        jkt=jkt,
     )
     _store(
         session,
@@ -95,8 +108,24 @@ def issue_pair(session: Session, user: User, policy: Policy, *, second_factor: b
         expires_at=now + policy.ttl("access_token_ttl"),
         second_factor=second_factor,
         parent_id=parent.id,
+        jkt=jkt,
     )
     return TokenPair(access, refresh, policy.access_token_ttl)
+
+
+def require_device(session: Session, user: User, jkt: str) -> Device:
+    """The user's enrolled, unrevoked device whose key has the thumbprint ``jkt``.
+
+    :raises Forbidden: no such device of this user.
+    """
+    device = session.scalar(
+        select(Device).where(
+            Device.jkt == jkt, Device.user_id == user.id, Device.revoked.is_(False)
+        )
+    )
+    if device is None:
+        raise Forbidden("the DPoP key is not an enrolled device of this user")
+    return device
 
 
 def login(
@@ -107,63 +136,56 @@ def login(
     otp_code: str | None,
     *,
     require_otp: bool = True,
+    jkt: str | None = None,
 ) -> TokenPair:
     """Password (+ TOTP) login; every outcome is audited.
 
     With ``require_otp=False`` (CSC ``auth/login``, HTTP Basic) the OTP may be omitted and the
-    session has ``second_factor=False``; an OTP given anyway is still checked.
+    session has ``second_factor=False``; an OTP given anyway is still checked. With ``jkt`` (the
+    thumbprint of a DPoP proof's key) the key must be an enrolled device of the user and the
+    tokens are bound to it.
 
     :raises Unauthorized: bad user name or password.
     :raises InvalidOtp: missing, wrong or reused OTP.
     :raises RateLimited: too many failed passwords or OTPs of this user.
+    :raises Forbidden: ``jkt`` is not an enrolled device of the user.
     """
 
-    def failed(reason: str) -> None:
-        audit.log(
+    def failed(error: ServerError, reason: str) -> ServerError:
+        audit.append(
             session,
             actor=f"user:{name}",
             event=audit.Event.LOGIN_FAILED,
             subject=f"user:{name}",
             details={"reason": reason},
         )
+        return error.recorded()
 
     try:
         user = users.authenticate_password(session, name, password, policy=policy)
     except (Unauthorized, RateLimited) as e:
-        failed("password" if isinstance(e, Unauthorized) else e.code)
-        raise
+        raise failed(e, "password" if isinstance(e, Unauthorized) else e.code) from None
     if otp_code is None and require_otp:
-        failed("otp missing")
-        raise InvalidOtp("a one-time password is required")
+        raise failed(InvalidOtp("a one-time password is required"), "otp missing")
     if otp_code is not None:
         try:
             otp.verify(session, user, otp_code, policy)
         except (InvalidOtp, RateLimited) as e:
-            failed(e.code)
-            raise
-    pair = issue_pair(session, user, policy, second_factor=otp_code is not None)
+            raise failed(e, e.code) from None
+    if jkt is not None:
+        try:
+            require_device(session, user, jkt)
+        except Forbidden as e:
+            raise failed(e, "device") from None
+    pair = issue_pair(session, user, policy, second_factor=otp_code is not None, jkt=jkt)
     audit.append(
         session,
         actor=f"user:{name}",
         event=audit.Event.LOGIN_OK,
         subject=f"user:{name}",
-        details={"second_factor": otp_code is not None},
+        details={"second_factor": otp_code is not None, "device_bound": jkt is not None},
     )
-    session.commit()
     return pair
-
-
-def _lookup(session: Session, token: str, kinds: tuple[str, ...]) -> AuthToken:
-    row = session.scalar(select(AuthToken).where(AuthToken.token_hash == token_digest(token)))
-    now = utcnow()
-    if (
-        row is None
-        or row.kind not in kinds
-        or row.revoked
-        or (row.expires_at is not None and row.expires_at <= now)
-    ):
-        raise Unauthorized("invalid or expired token")
-    return row
 
 
 _TOKENS = cast(Table, AuthToken.__table__)
@@ -177,6 +199,8 @@ _AUTHENTICATE = (
         _TOKENS.c.revoked,
         _TOKENS.c.expires_at,
         _TOKENS.c.second_factor,
+        _TOKENS.c.jkt,
+        _TOKENS.c.parent_id,
         _USERS.c.id,
         _USERS.c.name,
         _USERS.c.disabled,
@@ -191,35 +215,68 @@ _AUTHENTICATE = (
 )
 
 
-def authenticate(db: Session | Runner, token: str) -> Principal:
-    """The principal of a bearer token (access or admin token).
+@dataclass(frozen=True)
+class _Token:
+    id: int
+    kind: str
+    second_factor: bool
+    jkt: str | None
+    parent_id: int | None
+    user_id: int | None
+    user_name: str
 
-    :raises Unauthorized: unknown, expired or revoked token, revoked refresh token, or a
-        disabled user.
+
+def _live(session: Session, token: str) -> _Token:
+    """The live token ``token`` (unexpired, unrevoked, its parent unrevoked, its user enabled).
+
+    :raises Unauthorized: anything else.
     """
-    rows = runner(db)(_AUTHENTICATE, {"digest": token_digest(token)})
+    rows = runner(session)(_AUTHENTICATE, {"digest": token_digest(token)})
     if not rows:
         raise Unauthorized("invalid or expired token")
-    token_id, kind, revoked, expires_at, second_factor, user_id, name, disabled, parent_revoked = (
-        rows[0]
-    )
+    (token_id, kind, revoked, expires_at, second_factor, jkt, parent_id, user_id, name,
+     disabled, parent_revoked) = rows[0]  # fmt: skip
     if revoked or (expires_at is not None and expires_at <= utcnow()) or parent_revoked:
         raise Unauthorized("invalid or expired token")
-    if kind == ADMIN:
-        return Principal("admin", "admin", None, token_id, True)
-    if kind != ACCESS or user_id is None or disabled:
+    if kind != ADMIN and (user_id is None or disabled):
         raise Unauthorized("invalid or expired token")
-    return Principal("user", name, user_id, token_id, bool(second_factor))
+    return _Token(token_id, kind, bool(second_factor), jkt, parent_id, user_id, name or "")
 
 
-def refresh(session: Session, policy: Policy, refresh_token: str) -> TokenPair:
-    """Rotate a refresh token: the old one (and its access tokens) stop working.
+def authenticate(session: Session, token: str) -> Principal:
+    """The principal of an access token or of the admin token.
 
-    :raises Unauthorized: unknown, expired, revoked or already used refresh token.
+    :raises Unauthorized: unknown, expired or revoked token, revoked refresh token, a refresh
+        token, or a disabled user.
     """
-    row = _lookup(session, refresh_token, (REFRESH,))
-    user = session.get(User, row.user_id)
-    if user is None or user.disabled:
+    row = _live(session, token)
+    if row.kind == ADMIN:
+        return Principal("admin", "admin", None, row.id, True, session_id=row.id)
+    if row.kind != ACCESS:
+        raise Unauthorized("invalid or expired token")
+    return Principal(
+        "user",
+        row.user_name,
+        row.user_id,
+        row.id,
+        row.second_factor,
+        row.jkt,
+        session_id=row.parent_id or row.id,
+    )
+
+
+def refresh(
+    session: Session, policy: Policy, refresh_token: str, *, jkt: str | None = None
+) -> TokenPair:
+    """Rotate a refresh token: the old one (and its access tokens) stop working. A refresh
+    token bound to a device key needs a DPoP proof of that key (``jkt``).
+
+    :raises Unauthorized: unknown, expired, revoked or already used refresh token, or the
+        proof of another key (or none) for a bound one.
+    """
+    row = _live(session, refresh_token)
+    user = session.get(User, row.user_id) if row.kind == REFRESH else None
+    if user is None or row.jkt != jkt:
         raise Unauthorized("invalid or expired token")
     rotated = affected(
         session.execute(
@@ -230,7 +287,6 @@ def refresh(session: Session, policy: Policy, refresh_token: str) -> TokenPair:
         )
     )
     if rotated != 1:
-        session.rollback()
         raise Unauthorized("invalid or expired token")
     session.execute(
         update(AuthToken)
@@ -238,14 +294,13 @@ def refresh(session: Session, policy: Policy, refresh_token: str) -> TokenPair:
         .values(revoked=True)
         .execution_options(synchronize_session=False)
     )
-    pair = issue_pair(session, user, policy, second_factor=row.second_factor)
+    pair = issue_pair(session, user, policy, second_factor=row.second_factor, jkt=row.jkt)
     audit.append(session, actor=f"user:{user.name}", event=audit.Event.REFRESH)
-    session.commit()
     return pair
 
 
 def revoke_family(session: Session, token_id: int) -> None:
-    """Revoke a token and the tokens it produced (access tokens, PIV PIN marks); caller commits."""
+    """Revoke a token and the tokens it produced (access tokens, PIV PIN marks)."""
     session.execute(
         update(AuthToken)
         .where(or_(AuthToken.id == token_id, AuthToken.parent_id == token_id))
@@ -274,7 +329,6 @@ def revoke(session: Session, token: str, *, owner: Principal | None = None) -> N
         subject=f"user:{user.name}" if user else "",
         details={"kind": row.kind},
     )
-    session.commit()
 
 
 def create_admin_token(session: Session, *, actor: str = "system") -> str:
@@ -284,5 +338,4 @@ def create_admin_token(session: Session, *, actor: str = "system") -> str:
     audit.append(
         session, actor=actor, event=audit.Event.SERVER_INIT, details={"admin_token": "created"}
     )
-    session.commit()
     return token

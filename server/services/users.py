@@ -59,7 +59,6 @@ def add_user(
     try:
         session.flush()
     except IntegrityError as e:  # a concurrent add of the same name won the race
-        session.rollback()
         raise Conflict(f"user {name!r} already exists") from e
     audit.append(
         session,
@@ -68,7 +67,6 @@ def add_user(
         subject=f"user:{name}",
         details={"email": email, "upn": upn, "password": password is not None},
     )
-    session.commit()
     return user
 
 
@@ -88,6 +86,17 @@ def get_user(session: Session, name: str) -> User:
     return user
 
 
+def get_by_id(session: Session, user_id: int) -> User:
+    """The user with id ``user_id``.
+
+    :raises NotFound: no such user.
+    """
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound("no such user")
+    return user
+
+
 def revoke_sessions(session: Session, user_id: int) -> None:
     """Revoke the user's tokens and spend their SADs (caller commits)."""
     session.execute(update(AuthToken).where(AuthToken.user_id == user_id).values(revoked=True))
@@ -100,7 +109,6 @@ def disable_user(session: Session, name: str, *, actor: str = "admin") -> User:
     user.disabled = True
     revoke_sessions(session, user.id)
     audit.append(session, actor=actor, event=audit.Event.USER_DISABLE, subject=f"user:{name}")
-    session.commit()
     return user
 
 
@@ -109,30 +117,26 @@ def authenticate_password(
 ) -> User:
     """The enabled user ``name`` whose password is ``password``.
 
-    Costs one argon2id verification, run with no transaction open, whatever the outcome for a
-    name that exists or not (no user-enumeration timing). A wrong password of an existing
-    user counts against the user's failure budget (:func:`server.services.otp.count_failure`,
-    rule 6); while that is exhausted nothing is checked. The outcome takes its place among
-    concurrent attempts when it is applied: a correct password is refused too if failures
-    counted meanwhile exhausted the budget.
+    Costs one argon2id verification, run with no write transaction open (reads take no lock),
+    whatever the outcome for a name that exists or not (no user-enumeration timing). A wrong
+    password of an existing user counts against the user's failure budget
+    (:func:`server.services.otp.count_failure`, rule 6); while that is exhausted nothing is
+    checked. The outcome takes its place among concurrent attempts when it is applied: a correct
+    password is refused too if failures counted meanwhile exhausted the budget.
 
     :raises RateLimited: too many failed authentications of this user in the window.
     :raises Unauthorized: unknown user, disabled, no password set or wrong password.
     """
     user = session.scalar(select(User).where(User.name == name))
     if user is not None and not otp.may_fail(session, user.id, policy):
-        session.rollback()
         raise RateLimited(otp.RATE_LIMITED)
-    session.commit()
     ok = verify_secret(user.password_hash if user else None, password)
     if user is None:
         raise Unauthorized("invalid user name or password")
     if not ok:
-        counted = otp.count_failure(session, user.id, policy)
-        session.commit()
-        if not counted:
+        if not otp.count_failure(session, user.id, policy):
             raise RateLimited(otp.RATE_LIMITED)
-        raise Unauthorized("invalid user name or password")
+        raise Unauthorized("invalid user name or password").recorded()
     if not otp.may_fail(session, user.id, policy):
         raise RateLimited(otp.RATE_LIMITED)
     if user.disabled:

@@ -1,6 +1,8 @@
 """Fixtures and helpers of the HTTP API tests: the real app (``create_app``) over a migrated
 SQLite database and the shared SoftHSM2 token, driven in-process by FastAPI's TestClient, with a
-CA in the HSM, the admin token, and enrolled users that log in like real clients.
+CA in the HSM, the admin token, and enrolled users that log in like real clients: each with a
+device key registered through ``/api/v1/devices/enroll`` that signs a DPoP proof (RFC 9449) for
+every request of its session (``auth=user.auth``).
 
 Import with ``from apikit import Api, api_fixture, api_db_url_fixture  # noqa: F401`` (the
 fixtures are ``api`` and ``api_db_url``; a module may override ``api_db_url``).
@@ -23,10 +25,11 @@ from fastapi.testclient import TestClient
 from hsm_fixtures import HsmToken
 from sqlalchemy.orm import Session, sessionmaker
 
+from relay.dpop import DeviceKey, DpopAuth
 from server import ca
 from server.app import create_app
 from server.config import Settings
-from server.db import make_engine, migrate, session_factory
+from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm import Hsm
 from server.models import utcnow
 from server.services import tokens
@@ -45,8 +48,13 @@ class Enrolled:
     totp: pyotp.TOTP
     credentials: dict[str, str]
     """slot -> credential id"""
+    enrollment_code: str
+    device: DeviceKey = field(default_factory=DeviceKey.generate)
+    enrolled_device: bool = False
+    auth: DpopAuth | None = None
+    """The current session's: a DPoP proof and the access token on every request."""
+    refresh_token: str | None = None
     _last_step: int = -1
-    headers: dict[str, str] = field(default_factory=dict)
 
     def otp(self) -> str:
         """A TOTP code of a time step not used yet (rule 6 accepts each step once): the current
@@ -94,17 +102,34 @@ class Api:
             body["puk"],
             pyotp.parse_uri(body["otp_uri"]),
             {c["slot"]: c["credential_id"] for c in body["credentials"]},
+            body["enrollment_code"],
         )
 
-    def login(self, user: Enrolled) -> dict[str, str]:
-        """``/api/v1/auth/login`` with password + TOTP; the Bearer header of the session."""
+    def enroll_device(self, user: Enrolled) -> None:
+        """Register the user's device key with its enrollment code (once)."""
+        if user.enrolled_device:
+            return
+        r = self.client.post(
+            "/api/v1/devices/enroll",
+            json={"code": user.enrollment_code, "device_public_key": user.device.public_pem()},
+        )
+        assert r.status_code == 200, r.text
+        user.enrolled_device = True
+
+    def login(self, user: Enrolled) -> DpopAuth:
+        """``/api/v1/auth/login`` from the user's device with password + TOTP + DPoP; the
+        session's httpx auth (also kept on ``user.auth``)."""
+        self.enroll_device(user)
         r = self.client.post(
             "/api/v1/auth/login",
             json={"username": user.name, "password": PASSWORD, "otp": user.otp()},
+            auth=DpopAuth(user.device),
         )
         assert r.status_code == 200, r.text
-        user.headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
-        return user.headers
+        assert r.json()["token_type"] == "DPoP"
+        user.auth = DpopAuth(user.device, r.json()["access_token"])
+        user.refresh_token = r.json()["refresh_token"]
+        return user.auth
 
     def csc_login(self, user: Enrolled, version: str = "v1") -> dict[str, str]:
         """CSC ``auth/login`` with HTTP Basic (password only)."""
@@ -115,9 +140,7 @@ class Api:
         return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
     def verify_pin(self, user: Enrolled, pin: str | None = None) -> httpx.Response:
-        return self.client.post(
-            "/api/v1/pin/verify", json={"pin": pin or user.pin}, headers=user.headers
-        )
+        return self.client.post("/api/v1/pin/verify", json={"pin": pin or user.pin}, auth=user.auth)
 
 
 def b64(data: bytes) -> str:
@@ -125,11 +148,13 @@ def b64(data: bytes) -> str:
 
 
 def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> None:
-    """An error answer: ``status`` and exactly ``{"error": code, "error_description": ...}``."""
+    """An error answer: ``status`` and exactly ``{"error": code, "error_description": ...}``
+    (plus ``retries`` for a wrong PIN or PUK)."""
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json"), resp.headers
     body = resp.json()
-    assert set(body) == {"error", "error_description"}, body
+    extra = {"retries"} if body.get("error") in ("invalid_pin", "invalid_puk") else set()
+    assert set(body) == {"error", "error_description"} | extra, body
     if code is not None:
         assert body["error"] == code, body
 
@@ -160,7 +185,7 @@ def api_fixture(
     )
     engine = make_engine(url)
     sessions = session_factory(engine)
-    with sessions() as s:
+    with unit_of_work(sessions()) as s:
         admin_token = tokens.create_admin_token(s)
     app = create_app(settings, hsm=hsm, sessions=sessions)
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -33,7 +33,7 @@ def test_admin_routes_need_the_admin_token(api: Api, method: str, path: str) -> 
     error(api.client.request(method, path, headers={"Authorization": "Bearer x"}), 401,
           "unauthorized")
     user = api.user(prefix="notadmin")
-    error(api.client.request(method, path, headers=api.login(user)), 403, "forbidden")
+    error(api.client.request(method, path, auth=api.login(user)), 403, "forbidden")
 
 
 def test_add_list_and_disable_users(api: Api) -> None:

@@ -82,18 +82,68 @@ def test_oversized_bodies_are_413_before_and_while_streaming(api: Api) -> None:
     assert r.status_code == 400
 
 
-# signatures/signHash is a DirectRoute (server.api.direct_route): it parses its body itself, so
-# its bad input must come out exactly as FastAPI's would for any other route.
+# --- one pipeline: authenticate -> authorize -> validate -> act ------------------------------
 
 SIGN_HASH_BODY = {"credentialID": "c", "SAD": "sad-value-not-to-be-echoed",
                   "hashes": ["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],
                   "signAlgo": "1.2.840.10045.4.3.2"}
+LOGIN_ROUTES = {"/csc/v1/auth/login", "/csc/v2/auth/login"}
+"""Where a user authenticates with a password (HTTP Basic or a refresh token in the body)."""
+
+
+def protected_operations(api: Api) -> list[tuple[str, str]]:
+    """Every (method, path) whose OpenAPI operation declares a token scheme."""
+    doc = api.client.get("/openapi.json").json()
+    found = [
+        (method.upper(), path)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if any("HTTPBearer" in req for req in op.get("security", []))
+    ]
+    assert len(found) > 25  # CSC, PIV, PIN, admin, audit
+    return found
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-a-token"},
+                                     {"Authorization": "DPoP not-a-token"},
+                                     {"Authorization": "Basic dTpw"}])
+def test_every_protected_route_answers_401_before_reading_the_body(
+    api: Api, headers: dict[str, str]
+) -> None:
+    for method, path in protected_operations(api):
+        url = path.replace("{name}", "x").replace("{credential_id}", "c").replace("{slot}", "9c")
+        # A body that is not even JSON: any parsing before authentication would answer 400.
+        r = api.client.request(method, url, content=b'{"broken',
+                               headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 401, (method, path, r.text)
+        assert r.json()["error"] == "unauthorized", (method, path, r.text)
+        assert "Bearer" in r.headers["WWW-Authenticate"]
+        assert "DPoP" in r.headers["WWW-Authenticate"]
+
+
+def test_public_routes_are_exactly_these(api: Api) -> None:
+    doc = api.client.get("/openapi.json").json()
+    public = {
+        (method.upper(), path)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if not op.get("security")
+    }
+    assert public == {
+        ("POST", "/csc/v1/info"), ("POST", "/csc/v2/info"), ("GET", "/healthz"),
+        ("POST", "/api/v1/auth/login"), ("POST", "/api/v1/auth/refresh"),
+        ("POST", "/api/v1/devices/enroll"), ("GET", "/api/v1/ca"),
+    }
+    with_password = {(m.upper(), p) for p, item in doc["paths"].items()
+                     for m, op in item.items()
+                     if any("HTTPBasic" in req for req in op.get("security", []))}
+    assert with_password == {("POST", path) for path in LOGIN_ROUTES}
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_sign_hash_bad_bodies_are_400_and_echo_no_secret(api: Api, version: str) -> None:
     path = f"/csc/{version}/signatures/signHash"
-    auth = {"Authorization": "Bearer not-a-token"}
+    auth = api.csc_login(api.user(prefix="badbody"))
     r = api.client.post(path, content=b'{"SAD": "sad-value-not-to-be-echoed', headers={
         **auth, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
@@ -108,11 +158,3 @@ def test_sign_hash_bad_bodies_are_400_and_echo_no_secret(api: Api, version: str)
     r = api.client.post(path, content=b'{"SAD": "' + b"a" * (MAX_BODY + 1) + b'"}',
                         headers={**auth, "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"] == "request_too_large"
-
-
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic dTpw"},
-                                     {"Authorization": "Bearer not-a-token"}])
-def test_sign_hash_without_a_live_bearer_token_is_401(api: Api, headers: dict[str, str]) -> None:
-    r = api.client.post("/csc/v2/signatures/signHash", json=SIGN_HASH_BODY, headers=headers)
-    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
-    assert r.headers["WWW-Authenticate"] == "Bearer"

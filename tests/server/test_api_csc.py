@@ -349,7 +349,7 @@ def test_three_wrong_pins_block_and_survive_a_restart(api: Api) -> None:
     # The PUK unblocks (through the PIV API, which needs the second factor).
     api.login(user)
     r = api.client.post("/api/v1/pin/unblock", json={"puk": user.puk, "new_pin": "654321"},
-                        headers=user.headers)
+                        auth=user.auth)
     assert r.status_code == 204, r.text
     assert authorize(api, user, h, [d], PIN="654321").status_code == 200
 
@@ -388,7 +388,7 @@ def test_otp_per_signature(api: Api) -> None:
 def test_tokens_are_checked(api: Api, p256: Enrolled) -> None:
     r = api.client.post("/csc/v1/credentials/list", json={})
     assert_error(r, 401)
-    assert r.headers["www-authenticate"] == "Bearer"
+    assert "Bearer" in r.headers["www-authenticate"]
     r = api.client.post("/csc/v1/credentials/list", json={},
                         headers={"Authorization": "Bearer nope"})
     assert_error(r, 401)

@@ -1,7 +1,8 @@
 """The PIV operations under ``/api/v1`` from the relay's and an attacker's side: rule 3's block
 checks on raw RSA, decryption and ECDH only with the 9D key, the per-session PIN policy
-(9A/9D once, 9C before each use, 9E never), server-side PIN counters, the second factor, and
-an audit record for every key use.
+(9A/9D once, 9C before each use, 9E never), server-side PIN counters, the second factor, the
+device binding (DPoP, RFC 9449: a stolen token or a replayed request is refused), and an audit
+record for every key use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 
+import httpx
 import pytest
 from apikit import PASSWORD, Api, Enrolled, api_db_url_fixture, api_fixture, b64  # noqa: F401
 from apikit import assert_error as error
@@ -18,6 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from relay.dpop import DeviceKey, DpopAuth
+from server.models import utcnow
 
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
@@ -28,7 +33,7 @@ def result(resp: object) -> bytes:
 
 
 def certs(api: Api, user: Enrolled) -> dict[str, x509.Certificate]:
-    r = api.client.get("/api/v1/credentials", headers=user.headers)
+    r = api.client.get("/api/v1/credentials", auth=user.auth)
     assert r.status_code == 200, r.text
     return {c["slot"]: x509.load_pem_x509_certificate(c["certificate"].encode()) for c in r.json()}
 
@@ -37,7 +42,7 @@ def op(api: Api, user: Enrolled, slot: str, name: str, field: str, data: bytes) 
     return api.client.post(
         f"/api/v1/credentials/{user.credentials[slot]}/{name}",
         json={field: b64(data)},
-        headers=user.headers,
+        auth=user.auth,
     )
 
 
@@ -175,7 +180,7 @@ def test_pin_policy_per_slot(api: Api) -> None:
     result(op(api, user, "9e", "ecdsa", "digest", digest))
     # 9A needs it once per session.
     error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
-    status = api.client.get("/api/v1/pin/status", headers=user.headers).json()
+    status = api.client.get("/api/v1/pin/status", auth=user.auth).json()
     assert status["verified"] is False and status["pin_retries"] == 3
     assert api.verify_pin(user).json()["verified"] is True
     for _ in range(3):
@@ -189,7 +194,7 @@ def test_pin_policy_per_slot(api: Api) -> None:
     error(api.verify_pin(user, "000000"), 400, "invalid_pin")
     error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
     api.verify_pin(user)
-    r = api.client.post("/api/v1/pin/reset", headers=user.headers)
+    r = api.client.post("/api/v1/pin/reset", auth=user.auth)
     assert r.status_code == 204
     error(op(api, user, "9a", "ecdsa", "digest", digest), 403, "pin_required")
 
@@ -201,10 +206,10 @@ def test_pin_state_belongs_to_one_session(api: Api) -> None:
     second = api.login(user)
     digest = hashlib.sha256(b"session").digest()
     r = api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
-                        json={"digest": b64(digest)}, headers=second)
+                        json={"digest": b64(digest)}, auth=second)
     error(r, 403, "pin_required")
     r = api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
-                        json={"digest": b64(digest)}, headers=first)
+                        json={"digest": b64(digest)}, auth=first)
     assert r.status_code == 200, r.text
 
 
@@ -218,17 +223,17 @@ def test_pin_counters_block_and_the_puk_unblocks(api: Api) -> None:
     error(api.verify_pin(user), 403, "pin_blocked")
     digest = hashlib.sha256(b"blocked").digest()
     error(op(api, user, "9e", "ecdsa", "digest", digest), 403, "pin_blocked")
-    status = api.client.get("/api/v1/pin/status", headers=user.headers).json()
+    status = api.client.get("/api/v1/pin/status", auth=user.auth).json()
     assert status["pin_blocked"] is True and status["puk_retries"] == 3
     r = api.client.post("/api/v1/pin/unblock", json={"puk": "00000000", "new_pin": "24682468"},
-                        headers=user.headers)
+                        auth=user.auth)
     error(r, 400, "invalid_puk")
     r = api.client.post("/api/v1/pin/unblock", json={"puk": user.puk, "new_pin": "24682468"},
-                        headers=user.headers)
+                        auth=user.auth)
     assert r.status_code == 204, r.text
     assert api.verify_pin(user, "24682468").status_code == 200
     r = api.client.post("/api/v1/pin/change", json={"pin": "24682468", "new_pin": "13571357"},
-                        headers=user.headers)
+                        auth=user.auth)
     assert r.status_code == 204, r.text
     error(api.verify_pin(user, "24682468"), 400, "invalid_pin")
     assert api.verify_pin(user, "13571357").status_code == 200
@@ -250,7 +255,7 @@ def test_piv_operations_need_the_second_factor_and_ownership(
     api.login(other)
     api.verify_pin(other)
     r = api.client.post(f"/api/v1/credentials/{ec_user.credentials['9e']}/ecdsa",
-                        json={"digest": b64(digest)}, headers=other.headers)
+                        json={"digest": b64(digest)}, auth=other.auth)
     error(r, 404, "not_found")
     # The admin token is not a user.
     r = api.client.post(f"/api/v1/credentials/{ec_user.credentials['9e']}/ecdsa",
@@ -261,38 +266,109 @@ def test_piv_operations_need_the_second_factor_and_ownership(
 
 def test_logout_ends_the_session_and_refresh_rotates(api: Api) -> None:
     user = api.user(alg="p256")
-    r = api.client.post("/api/v1/auth/login",
-                        json={"username": user.name, "password": PASSWORD, "otp": user.otp()})
-    tokens = r.json()
-    h = {"Authorization": f"Bearer {tokens['access_token']}"}
-    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    first = api.login(user)
+    refresh = user.refresh_token
+    device = DpopAuth(user.device)
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": refresh}, auth=device)
     assert r.status_code == 200, r.text
     rotated = r.json()
-    error(api.client.get("/api/v1/pin/status", headers=h), 401, "unauthorized")
-    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert rotated["token_type"] == "DPoP"
+    error(api.client.get("/api/v1/pin/status", auth=first), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": refresh}, auth=device)
     error(r, 401, "unauthorized")
-    h = {"Authorization": f"Bearer {rotated['access_token']}"}
-    assert api.client.post("/api/v1/auth/logout", headers=h).status_code == 204
-    error(api.client.get("/api/v1/pin/status", headers=h), 401, "unauthorized")
-    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]})
+    h = DpopAuth(user.device, rotated["access_token"])
+    assert api.client.post("/api/v1/auth/logout", auth=h).status_code == 204
+    error(api.client.get("/api/v1/pin/status", auth=h), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]},
+                        auth=device)
     error(r, 401, "unauthorized")
+
+
+def login_as(api: Api, user: Enrolled, otp: str, password: str = PASSWORD,
+             key: DeviceKey | None = None) -> httpx.Response:
+    return api.client.post("/api/v1/auth/login",
+                           json={"username": user.name, "password": password, "otp": otp},
+                           auth=DpopAuth(key or user.device))
 
 
 def test_login_needs_password_and_fresh_otp(api: Api) -> None:
     user = api.user(alg="p256")
+    api.enroll_device(user)
     code = user.otp()
+    error(login_as(api, user, code, "wrong password"), 401, "unauthorized")
+    error(login_as(api, user, "000000"), 400, "invalid_otp")
+    assert login_as(api, user, code).status_code == 200
+    error(login_as(api, user, code), 400, "invalid_otp")  # a time step is accepted once
+
+
+# --- device binding (DPoP, RFC 9449), as an attacker ------------------------------------------
+
+
+def test_login_needs_a_proof_of_an_enrolled_device_of_that_user(api: Api) -> None:
+    user = api.user(alg="p256")
+    api.enroll_device(user)
     r = api.client.post("/api/v1/auth/login",
-                        json={"username": user.name, "password": "wrong password", "otp": code})
+                        json={"username": user.name, "password": PASSWORD, "otp": user.otp()})
+    error(r, 401, "invalid_dpop_proof")  # no proof at all
+    error(login_as(api, user, user.otp(), key=DeviceKey.generate()), 403, "forbidden")
+    other = api.user(alg="p256")
+    api.enroll_device(other)
+    error(login_as(api, user, user.otp(), key=other.device), 403, "forbidden")
+    assert login_as(api, user, user.otp()).status_code == 200
+
+
+def test_a_stolen_token_is_useless_without_the_device_key(api: Api, ec_user: Enrolled) -> None:
+    assert ec_user.auth is not None
+    token = ec_user.auth.token
+    url = "/api/v1/pin/status"
+    # As a Bearer token, with no proof, or with a proof of the thief's own key: refused.
+    error(api.client.get(url, headers={"Authorization": f"Bearer {token}"}), 401, "unauthorized")
+    error(api.client.get(url, headers={"Authorization": f"DPoP {token}"}), 401,
+          "invalid_dpop_proof")
+    error(api.client.get(url, auth=DpopAuth(DeviceKey.generate(), token)), 401,
+          "invalid_dpop_proof")
+    # The refresh token too: a thief's proof cannot rotate it.
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": ec_user.refresh_token},
+                        auth=DpopAuth(DeviceKey.generate()))
     error(r, 401, "unauthorized")
-    r = api.client.post("/api/v1/auth/login",
-                        json={"username": user.name, "password": PASSWORD, "otp": "000000"})
-    error(r, 400, "invalid_otp")
-    r = api.client.post("/api/v1/auth/login",
-                        json={"username": user.name, "password": PASSWORD, "otp": code})
-    assert r.status_code == 200, r.text
-    r = api.client.post("/api/v1/auth/login",
-                        json={"username": user.name, "password": PASSWORD, "otp": code})
-    error(r, 400, "invalid_otp")  # a time step is accepted once
+    assert api.client.get(url, auth=ec_user.auth).status_code == 200
+
+
+def test_a_replayed_or_misbound_proof_is_refused(api: Api, ec_user: Enrolled) -> None:
+    assert ec_user.auth is not None and ec_user.auth.token is not None
+    token, key = ec_user.auth.token, ec_user.device
+    url = f"{api.client.base_url}/api/v1/pin/status"
+
+    def send(*proofs: str) -> httpx.Response:
+        headers = [("Authorization", f"DPoP {token}"), *(("DPoP", p) for p in proofs)]
+        return api.client.get("/api/v1/pin/status", headers=headers)
+
+    proof = key.proof("GET", url, access_token=token)
+    assert send(proof).status_code == 200
+    error(send(proof), 401, "invalid_dpop_proof")  # the same request again: a replay
+    stale = utcnow().timestamp() - 600
+    for bad in (
+        key.proof("POST", url, access_token=token),  # another method
+        key.proof("GET", url.replace("pin/status", "credentials"), access_token=token),
+        key.proof("GET", url),  # no ath
+        key.proof("GET", url, access_token="another-token"),  # another token's ath
+        key.proof("GET", url, access_token=token, now=stale),
+        key.proof("GET", url, access_token=token)[:-4] + "AAAA",  # a forged signature
+        "not.a.jwt",
+    ):
+        error(send(bad), 401, "invalid_dpop_proof")
+    two = (key.proof("GET", url, access_token=token), key.proof("GET", url, access_token=token))
+    error(send(*two), 401, "invalid_dpop_proof")  # exactly one proof
+
+
+def test_a_revoked_device_loses_its_session(api: Api) -> None:
+    user = api.user(alg="p256")
+    auth = api.login(user)
+    assert api.client.get("/api/v1/pin/status", auth=auth).status_code == 200
+    assert api.client.post(f"/api/v1/admin/users/{user.name}/revoke",
+                           headers=api.admin).status_code == 200
+    error(api.client.get("/api/v1/pin/status", auth=auth), 401, "unauthorized")
+    error(login_as(api, user, user.otp()), 403, "forbidden")
 
 
 def test_every_key_use_is_audited(api: Api) -> None:

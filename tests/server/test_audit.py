@@ -17,13 +17,14 @@ from server.services import audit
 @pytest.fixture
 def chain(session: Session) -> Session:
     for i in range(1, 6):
-        audit.log(
+        audit.append(
             session,
             actor="admin",
             event=audit.Event.USER_ADD,
             subject=f"user:u{i}",
             details={"i": i},
         )
+        session.commit()
     assert audit.verify(session) is None
     return session
 

@@ -27,6 +27,8 @@ from live_server import (
     start_server,
 )
 
+from relay.dpop import DeviceKey, DpopAuth
+
 pytestmark = [pytest.mark.hsm, pytest.mark.slow]
 
 PASSWORD = "tr0ub4dor&3-but-longer"
@@ -273,14 +275,23 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
 
     # The PUK unblocks and sets a new PIN (SP 800-73-4 RESET RETRY COUNTER, server-side).
     totp = pyotp.parse_uri(enrollment["otp_uri"])
+    device = DeviceKey.generate()
+    enrolled = server.http.post(
+        "/api/v1/devices/enroll",
+        json={"code": enrollment["enrollment_code"], "device_public_key": device.public_pem()},
+    )
+    assert enrolled.status_code == 200, enrolled.text
     login = server.http.post(
-        "/api/v1/auth/login", json={"username": "bob", "password": PASSWORD, "otp": totp.now()}
+        "/api/v1/auth/login",
+        json={"username": "bob", "password": PASSWORD, "otp": totp.now()},
+        auth=DpopAuth(device),
     )
     assert login.status_code == 200, login.text
-    user_headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
     new_pin = "24681357"
     unblocked = server.http.post(
-        "/api/v1/pin/unblock", json={"puk": puk, "new_pin": new_pin}, headers=user_headers
+        "/api/v1/pin/unblock",
+        json={"puk": puk, "new_pin": new_pin},
+        auth=DpopAuth(device, login.json()["access_token"]),
     )
     assert unblocked.is_success, unblocked.text
     assert _authorize(server, token, cred, new_pin).status_code == 200

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_services_concurrency import run_together
 
 from server.config import Policy
+from server.db import unit_of_work
 from server.errors import Conflict, InvalidOtp, InvalidRequest, RateLimited, Unauthorized
 from server.models import AuditRecord, AuthToken, User, utcnow
 from server.services import audit, otp, tokens, users
@@ -249,12 +250,12 @@ def test_parallel_wrong_passwords_cannot_exceed_the_limit(
 
     def guess(_: int) -> list[str]:
         seen = []
-        with sessions() as s:
-            for _ in range(policy.otp_max_failures):
-                try:
+        for _ in range(policy.otp_max_failures):
+            try:
+                with unit_of_work(sessions()) as s:
                     users.authenticate_password(s, "alice", "wrong password", policy=policy)
-                except (Unauthorized, RateLimited) as e:
-                    seen.append(e.code)
+            except (Unauthorized, RateLimited) as e:
+                seen.append(e.code)
         return seen
 
     codes = [c for r in run_together(guess, threads) for c in r]  # type: ignore[union-attr]

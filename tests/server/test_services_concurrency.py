@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The atomic paths under real concurrency: two threads, two connections, one database.
+"""The atomic paths under real concurrency: two threads, two connections, one database, each
+call in its own unit of work as a request runs it.
 
 Runs on both backends; PostgreSQL is the one several server nodes share.
 """
@@ -15,7 +16,7 @@ from conftest import MakeUser, totp_now
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Policy
-from server.db import Direct
+from server.db import unit_of_work
 from server.errors import Conflict, InvalidOtp, PinIncorrect, RateLimited, SadInvalid
 from server.models import Credential, User
 from server.services import audit, otp, pins, sad, users
@@ -56,14 +57,12 @@ def test_concurrent_wrong_pins_lose_no_decrement(
 
     def guess(_: int) -> list[int]:
         left = []
-        with sessions() as s:
-            me = s.get(User, user.id)
-            assert me is not None
-            for _ in range(per_thread):
-                try:
-                    pins.verify(s, me, "000000", policy)
-                except PinIncorrect as e:
-                    left.append(e.retries)
+        for _ in range(per_thread):
+            try:
+                with unit_of_work(sessions()) as s:
+                    pins.verify(s, users.get_by_id(s, user.id), "000000", policy)
+            except PinIncorrect as e:
+                left.append(e.retries)
         return left
 
     results = run_together(guess)
@@ -87,22 +86,15 @@ def test_sad_double_spend_from_two_connections(
     user = make_user()
     cred = _credential(sessions, user)
     digest = bytes(range(32))
-    with sessions() as s:
+    with unit_of_work(sessions()) as s:
         grant = sad.authorize(
             s, policy, user_id=user.id, credential_id=cred, num_signatures=1, hashes=[digest]
         )
 
     def spend(_: int) -> bool:
-        # Each thread on its own Direct connection, as each server worker's signHash runs.
-        direct = Direct(sessions.kw["bind"])
-        try:
-            sad.spend(direct, grant.sad, user_id=user.id, credential_id=cred, hashes=[digest])
-            direct.commit()
-        except SadInvalid:
-            direct.rollback()
-            raise
-        finally:
-            direct.close()
+        with unit_of_work(sessions()) as s:
+            found = sad.check(s, grant.sad, user_id=user.id, credential_id=cred, hashes=[digest])
+            sad.spend(s, found)
         return True
 
     results = run_together(spend)
@@ -116,20 +108,9 @@ def test_audit_appends_from_two_connections_keep_the_chain(
     per_thread = 40
 
     def append(i: int) -> int:
-        # Thread 0 appends through an ORM session (most events), thread 1 on a Direct
-        # connection (signHash): both paths serialise on the same head row.
-        if i == 1:
-            direct = Direct(sessions.kw["bind"])
-            try:
-                for n in range(per_thread):
-                    audit.append(direct, actor=f"worker:{i}", event="test", details={"n": n})
-                    direct.commit()
-            finally:
-                direct.close()
-            return per_thread
-        with sessions() as s:
-            for n in range(per_thread):
-                audit.log(s, actor=f"worker:{i}", event="test", details={"n": n})
+        for n in range(per_thread):
+            with unit_of_work(sessions()) as s:
+                audit.append(s, actor=f"worker:{i}", event="test", details={"n": n})
         return per_thread
 
     assert run_together(append) == [per_thread] * THREADS
@@ -141,11 +122,12 @@ def test_audit_appends_from_two_connections_keep_the_chain(
 
 def test_verify_while_another_connection_appends(sessions: sessionmaker[Session]) -> None:
     def work(i: int) -> list[object]:
+        if i == 0:
+            for n in range(60):
+                with unit_of_work(sessions()) as s:
+                    audit.append(s, actor="writer", event="test", details={"n": n})
+            return []
         with sessions() as s:
-            if i == 0:
-                for n in range(60):
-                    audit.log(s, actor="writer", event="test", details={"n": n})
-                return []
             found = []
             for _ in range(15):
                 found.append(audit.verify(s))
@@ -163,8 +145,8 @@ def test_one_totp_code_from_two_connections_is_accepted_once(
     code = totp_now(user)
 
     def submit(_: int) -> bool:
-        with sessions() as s:
-            otp.verify(s, s.get(User, user.id), code, policy)  # type: ignore[arg-type]
+        with unit_of_work(sessions()) as s:
+            otp.verify(s, users.get_by_id(s, user.id), code, policy)
         return True
 
     results = run_together(submit)
@@ -179,14 +161,12 @@ def test_parallel_otp_guesses_cannot_exceed_the_limit(
 
     def guess(_: int) -> list[str]:
         seen = []
-        with sessions() as s:
-            me = s.get(User, user.id)
-            assert me is not None
-            for _ in range(policy.otp_max_failures):
-                try:
-                    otp.verify(s, me, "abcdef", policy)
-                except (InvalidOtp, RateLimited) as e:
-                    seen.append(e.code)
+        for _ in range(policy.otp_max_failures):
+            try:
+                with unit_of_work(sessions()) as s:
+                    otp.verify(s, users.get_by_id(s, user.id), "abcdef", policy)
+            except (InvalidOtp, RateLimited) as e:
+                seen.append(e.code)
         return seen
 
     codes = [c for r in run_together(guess) for c in r]  # type: ignore[union-attr]
@@ -200,7 +180,7 @@ def test_concurrent_adds_of_one_name_give_one_user_and_one_conflict(
     sessions: sessionmaker[Session],
 ) -> None:
     def add(_: int) -> bool:
-        with sessions() as s:
+        with unit_of_work(sessions()) as s:
             users.add_user(s, "twin")
         return True
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from server import ca
 from server.config import Settings
+from server.db import unit_of_work
 from server.errors import (
     Conflict,
     Forbidden,
@@ -31,7 +32,7 @@ from server.errors import (
 )
 from server.hsm import Hsm, KeyAlg, KeyRef
 from server.models import Credential, User
-from server.services import audit, credentials, devices, enrollment, pins, tokens, users
+from server.services import audit, credentials, devices, enrollment, keyuse, pins, tokens, users
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_enroll_p256_then_redeem_and_revoke(session: Session, hsm: Hsm, settings
     assert enrollment.revoke(session, "dora") == 4
     assert credentials.list_for_user(session, user.id) == []
     with pytest.raises(Forbidden):
-        credentials.get_for_user(session, user.id, nine_a.id)
+        keyuse.key_use(session, user.id, nine_a.id)
     with pytest.raises(Unauthorized):
         tokens.authenticate(session, pair.access_token)
     with pytest.raises(Forbidden):
@@ -136,9 +137,9 @@ def test_credentials_are_scoped_to_their_owner(
     enrollment.enroll(session, hsm, settings, "erin")
     erin, fred = users.get_user(session, "erin"), users.get_user(session, "fred")
     cred = credentials.get_by_slot(session, erin, "9c")
-    assert credentials.get_for_user(session, erin.id, cred.id).id == cred.id
+    assert keyuse.key_use(session, erin.id, cred.id).id == cred.id
     with pytest.raises(NotFound):
-        credentials.get_for_user(session, fred.id, cred.id)
+        keyuse.key_use(session, fred.id, cred.id)
     users.disable_user(session, "fred")
     with pytest.raises(Forbidden):
         enrollment.enroll(session, hsm, settings, "fred")
@@ -185,6 +186,7 @@ def test_failed_enrollment_leaves_nothing(
     session: Session, hsm: Hsm, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users.add_user(session, "hal")
+    session.commit()
     made: list[KeyRef] = []
     real = hsm.generate_key
 
@@ -201,7 +203,7 @@ def test_failed_enrollment_leaves_nothing(
     real_issue = ca.issue_slot_cert
     monkeypatch.setattr(hsm, "generate_key", generate)
     monkeypatch.setattr(ca, "issue_slot_cert", broken_ca)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidRequest), unit_of_work(session):
         enrollment.enroll(session, hsm, settings, "hal")
     assert session.scalars(select(Credential)).all() == []
     assert session.scalars(select(User.pin_hash).where(User.name == "hal")).one() is None

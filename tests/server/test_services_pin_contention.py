@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_services_concurrency import run_together
 
 from server.config import Policy
-from server.db import make_engine
+from server.db import make_engine, unit_of_work
 from server.errors import PinBlocked, PinIncorrect, PukIncorrect
 from server.models import AuditRecord, User
-from server.services import audit, hashing, pins
+from server.services import audit, hashing, pins, users
 
 THREADS = 16
 ROUNDS = 3
@@ -92,18 +92,17 @@ def test_sixteen_threads_checking_pins_get_domain_errors_and_exact_counters(
 
     def work(_: int) -> list[int | str]:
         seen: list[int | str] = []
-        with sessions() as s:
-            me, other = s.get(User, owner.id), s.get(User, target.id)
-            assert me is not None and other is not None
-            for _ in range(ROUNDS):
-                pins.verify(s, me, PIN, strict)  # never refused while others are in flight
-                seen.append("ok")
-                try:
-                    pins.verify(s, other, "000000", wide)
-                except PinIncorrect as e:
-                    seen.append(e.retries)
-                except PinBlocked:
-                    seen.append("blocked")
+        for _ in range(ROUNDS):
+            with unit_of_work(sessions()) as s:  # never refused while others are in flight
+                pins.verify(s, users.get_by_id(s, owner.id), PIN, strict)
+            seen.append("ok")
+            try:
+                with unit_of_work(sessions()) as s:
+                    pins.verify(s, users.get_by_id(s, target.id), "000000", wide)
+            except PinIncorrect as e:
+                seen.append(e.retries)
+            except PinBlocked:
+                seen.append("blocked")
         return seen
 
     results = run_together(work, THREADS)

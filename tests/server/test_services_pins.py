@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import make_engine, session_factory
+from server.db import make_engine, session_factory, unit_of_work
 from server.errors import InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
 from server.models import AuditRecord, User
 from server.services import audit, hashing, pins
@@ -39,11 +39,11 @@ def test_three_wrong_pins_block_and_it_survives_reopening(
     user = make_user()
     left = []
     for _ in range(3):
-        with pytest.raises(PinIncorrect) as e:
+        with pytest.raises(PinIncorrect) as e, unit_of_work(session):
             pins.verify(session, user, "999999", policy)
         left.append(e.value.retries)
     assert left == [2, 1, 0]
-    with pytest.raises(PinBlocked):
+    with pytest.raises(PinBlocked), unit_of_work(session):
         pins.verify(session, user, PIN, policy)
 
     engine = make_engine(db_url)  # a new engine: what a restarted server sees

@@ -11,6 +11,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
+from server.db import unit_of_work
 from server.errors import InvalidRequest, SadInvalid
 from server.models import Credential, Sad, User, utcnow
 from server.services import sad
@@ -29,27 +30,26 @@ def owner(session: Session, make_user: MakeUser) -> tuple[User, str]:
 
 def grant(session: Session, owner: tuple[User, str], n: int = 1, **kw: object) -> str:
     user, cred = owner
-    return sad.authorize(
-        session,
-        Policy(),
-        user_id=user.id,
-        credential_id=cred,
-        num_signatures=n,
-        **kw,  # type: ignore[arg-type]
-    ).sad
+    with unit_of_work(session):
+        return sad.authorize(
+            session,
+            Policy(),
+            user_id=user.id,
+            credential_id=cred,
+            num_signatures=n,
+            **kw,  # type: ignore[arg-type]
+        ).sad
 
 
 def spend(
     session: Session, owner: tuple[User, str], value: str, *hashes: bytes, **kw: object
 ) -> None:
-    """Spend in one transaction, as signHash does: commit, or roll back on a refusal."""
+    """Check and spend in one unit of work, as signHash does."""
     user, cred = owner
-    try:
-        sad.spend(session, value, user_id=user.id, credential_id=cred, hashes=list(hashes), **kw)  # type: ignore[arg-type]
-    except SadInvalid:
-        session.rollback()
-        raise
-    session.commit()
+    with unit_of_work(session):
+        found = sad.check(session, value, user_id=user.id, credential_id=cred,
+                          hashes=list(hashes), **kw)  # type: ignore[arg-type]
+        sad.spend(session, found)
 
 
 def test_replay_is_refused(session: Session, owner: tuple[User, str]) -> None:
@@ -120,7 +120,9 @@ def test_extend_moves_the_budget(session: Session, owner: tuple[User, str]) -> N
     user, cred = owner
     old = grant(session, owner, 3)
     spend(session, owner, old, H1)
-    new = sad.extend(session, Policy(), old, user_id=user.id, credential_id=cred, hashes=[H2])
+    with unit_of_work(session):
+        new = sad.extend(session, Policy(), old, user_id=user.id, credential_id=cred,
+                         hashes=[H2])
     with pytest.raises(SadInvalid):
         spend(session, owner, old, H2)
     with pytest.raises(SadInvalid):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import APIRouter, status
+from fastapi import status
 
-from server.api.deps import AdminPrincipal, HsmDep, SessionDep, SettingsDep
+from server.api.deps import HsmDep, SessionDep, SettingsDep
 from server.api.errors import documented_errors
+from server.api.pipeline import AdminDep, APIRouter
 from server.hsm import KeyAlg
 from server.models import User
 from server.schemas import (
@@ -44,7 +45,7 @@ def _out(session: SessionDep, user: User) -> UserOut:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def add_user(session: SessionDep, admin: AdminPrincipal, body: UserCreate) -> UserCreated:
+def add_user(session: SessionDep, admin: AdminDep, body: UserCreate) -> UserCreated:
     """Create a user; without a password the server generates one and returns it once."""
     password = body.password or secrets.token_urlsafe(15)
     user = users.add_user(
@@ -55,13 +56,13 @@ def add_user(session: SessionDep, admin: AdminPrincipal, body: UserCreate) -> Us
 
 
 @router.get("")
-def list_users(session: SessionDep, _admin: AdminPrincipal) -> list[UserOut]:
+def list_users(session: SessionDep, _admin: AdminDep) -> list[UserOut]:
     """Every user with its state."""
     return [_out(session, u) for u in users.list_users(session)]
 
 
 @router.post("/{name}/disable")
-def disable_user(session: SessionDep, admin: AdminPrincipal, name: str) -> UserOut:
+def disable_user(session: SessionDep, admin: AdminDep, name: str) -> UserOut:
     """No more logins or key use; the user's sessions and SADs are revoked."""
     return _out(session, users.disable_user(session, name, actor=admin.actor))
 
@@ -71,7 +72,7 @@ def enroll(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
-    admin: AdminPrincipal,
+    admin: AdminDep,
     name: str,
     body: EnrollRequest,
 ) -> EnrollResponse:
@@ -100,14 +101,14 @@ def enroll(
 
 
 @router.post("/{name}/revoke")
-def revoke(session: SessionDep, admin: AdminPrincipal, name: str) -> RevokeResponse:
+def revoke(session: SessionDep, admin: AdminDep, name: str) -> RevokeResponse:
     """Revoke the user's credentials, sessions, SADs, devices and unused enrollment codes."""
     return RevokeResponse(user=name, revoked=enrollment.revoke(session, name, actor=admin.actor))
 
 
 @router.post("/{name}/unblock")
 def unblock(
-    session: SessionDep, settings: SettingsDep, admin: AdminPrincipal, name: str
+    session: SessionDep, settings: SettingsDep, admin: AdminDep, name: str
 ) -> UnblockResponse:
     """Set a new random PIN and reset the PIN and PUK counters."""
     user = users.get_user(session, name)
@@ -117,7 +118,7 @@ def unblock(
 
 @router.post("/{name}/certs/{slot}/csr")
 def cert_csr(
-    session: SessionDep, hsm: HsmDep, admin: AdminPrincipal, name: str, slot: str
+    session: SessionDep, hsm: HsmDep, admin: AdminDep, name: str, slot: str
 ) -> CsrResponse:
     """A PEM CSR for the user's key in ``slot``, signed in the HSM (for an external CA)."""
     return CsrResponse(csr=enrollment.make_csr(session, hsm, name, slot, actor=admin.actor))
@@ -127,7 +128,7 @@ def cert_csr(
 def cert_import(
     session: SessionDep,
     hsm: HsmDep,
-    admin: AdminPrincipal,
+    admin: AdminDep,
     name: str,
     slot: str,
     body: CertImportRequest,

@@ -3,11 +3,11 @@ audit log (rule 7)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from sqlalchemy import func, select
 
-from server.api.deps import AdminPrincipal, SessionDep
+from server.api.deps import SessionDep
 from server.api.errors import documented_errors
+from server.api.pipeline import AdminDep, APIRouter
 from server.models import AuditRecord
 from server.schemas import AuditRecordOut, AuditVerifyResponse
 from server.services import audit
@@ -20,7 +20,7 @@ router = APIRouter(
 
 
 @router.get("/verify")
-def verify(session: SessionDep, _admin: AdminPrincipal) -> AuditVerifyResponse:
+def verify(session: SessionDep, _admin: AdminDep) -> AuditVerifyResponse:
     """Check the whole chain; a broken one names its first bad record."""
     bad = audit.verify(session)
     records = session.scalar(select(func.count()).select_from(AuditRecord)) or 0
@@ -30,7 +30,7 @@ def verify(session: SessionDep, _admin: AdminPrincipal) -> AuditVerifyResponse:
 
 
 @router.get("/export")
-def export(session: SessionDep, _admin: AdminPrincipal) -> list[AuditRecordOut]:
+def export(session: SessionDep, _admin: AdminDep) -> list[AuditRecordOut]:
     """Every record, oldest first."""
     return [AuditRecordOut.model_validate(r) for r in audit.export(session)]
 

@@ -9,27 +9,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import APIRouter, Request, Response
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import (
-    BasicDep,
-    CurrentUser,
-    SessionDep,
-    SettingsDep,
-    get_direct,
-    get_hsm,
-    request_bearer,
-)
-from server.api.direct_route import DirectRoute
+from server.api.deps import HsmDep, SessionDep, SettingsDep, proof_key
 from server.api.errors import documented_errors
+from server.api.pipeline import APIRouter, UserDep
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
-from server.models import Credential
 from server.schemas import (
     CertificatesChoice,
     CscAuthInfo,
@@ -55,7 +47,11 @@ from server.schemas import (
     CscV1Factor,
     b64encode,
 )
-from server.services import signing, tokens
+from server.services import csc, tokens
+from server.services.keyuse import KeyUse
+
+_basic = HTTPBasic(auto_error=False, description="The user's password (CSC auth/login)")
+BasicDep = Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 
 Version = Literal["v1", "v2"]
 
@@ -85,7 +81,7 @@ def _csc_time(when: datetime) -> str:
 
 
 def _cert_info(
-    cred: Credential, choice: CertificatesChoice, cert_info: bool, ca_cert: Path | None
+    cred: KeyUse, choice: CertificatesChoice, cert_info: bool, ca_cert: Path | None
 ) -> CscCertInfo | None:
     if cred.cert_pem is None:
         return None
@@ -109,7 +105,7 @@ def _cert_info(
 
 
 def describe(
-    cred: Credential,
+    cred: KeyUse,
     policy: Policy,
     version: Version,
     *,
@@ -119,11 +115,11 @@ def describe(
     ca_cert: Path | None,
 ) -> CscCredentialInfo:
     """credentials/info of one credential (CSC v2 §11.5, v1 §11.5)."""
-    alg = KeyAlg(cred.alg)
+    alg = cred.key.alg
     curve = alg.curve_oid
     key = CscKeyInfo(status="enabled", algo=key_algos(alg), len=alg.bits, curve=curve)
     info = CscCredentialInfo(
-        description=f"PIV {cred.slot.upper()} key of {cred.user.name}",
+        description=f"PIV {cred.slot.upper()} key of {cred.owner}",
         key=key,
         cert=_cert_info(cred, certificates, cert_info, ca_cert),
         SCAL="2",
@@ -186,19 +182,29 @@ def _router(version: Version) -> APIRouter:
         session: SessionDep,
         settings: SettingsDep,
         basic: BasicDep,
+        request: Request,
         body: CscLoginRequest | None = None,
     ) -> CscLoginResponse:
         """HTTP Basic with the user's password → access token (the OTP, when the credential
         asks for one, goes into credentials/authorize). A ``refresh_token`` in the body
-        rotates that token instead."""
+        rotates that token instead. With a DPoP proof of an enrolled device key (RFC 9449)
+        the tokens are bound to it."""
         body = body or CscLoginRequest()
-        if body.refresh_token is not None:
-            pair = tokens.refresh(session, settings.policy, body.refresh_token)
-        elif basic is None:
+        if body.refresh_token is None and basic is None:
             raise Unauthorized("HTTP Basic authentication with the user's password is required")
+        jkt = proof_key(session, request, required=False)
+        if body.refresh_token is not None:
+            pair = tokens.refresh(session, settings.policy, body.refresh_token, jkt=jkt)
         else:
+            assert basic is not None  # noqa: S101 -- checked above
             pair = tokens.login(
-                session, settings.policy, basic.username, basic.password, None, require_otp=False
+                session,
+                settings.policy,
+                basic.username,
+                basic.password,
+                None,
+                require_otp=False,
+                jkt=jkt,
             )
         return CscLoginResponse(
             access_token=pair.access_token,
@@ -207,7 +213,7 @@ def _router(version: Version) -> APIRouter:
         )
 
     @router.post("/auth/revoke", status_code=204)
-    def revoke(session: SessionDep, user: CurrentUser, body: CscRevokeRequest) -> Response:
+    def revoke(session: SessionDep, user: UserDep, body: CscRevokeRequest) -> Response:
         """Revoke one of the caller's tokens; a refresh token takes its access tokens along."""
         tokens.revoke(session, body.token, owner=user)
         return Response(status_code=204)
@@ -216,19 +222,19 @@ def _router(version: Version) -> APIRouter:
     def credentials_list(
         session: SessionDep,
         settings: SettingsDep,
-        user: CurrentUser,
+        user: UserDep,
         body: CscCredentialsListRequest,
     ) -> CscCredentialsListResponse:
         """The caller's own signing credentials (never another user's)."""
         if body.userID is not None and body.userID != user.name:
             raise Forbidden("a user may only list their own credentials")
-        creds = signing.csc_credentials(session, user)
+        creds = csc.list_credentials(session, user)
         if body.maxResults is not None:
             creds = creds[: body.maxResults]
         infos = (
             [
                 describe(
-                    c,
+                    csc.credential(session, user, c.id),
                     settings.policy,
                     version,
                     certificates=body.certificates,
@@ -251,12 +257,12 @@ def _router(version: Version) -> APIRouter:
     def credentials_info(
         session: SessionDep,
         settings: SettingsDep,
-        user: CurrentUser,
+        user: UserDep,
         body: CscCredentialsInfoRequest,
     ) -> CscCredentialInfo:
         """Key algorithms (composite OIDs), certificate chain (end entity first), SCAL 2,
         multisign and the factors credentials/authorize needs."""
-        cred = signing.csc_credential(session, user, body.credentialID)
+        cred = csc.credential(session, user, body.credentialID)
         return describe(
             cred,
             settings.policy,
@@ -269,10 +275,10 @@ def _router(version: Version) -> APIRouter:
 
     @router.post("/credentials/authorize", response_model_exclude_none=True)
     def credentials_authorize(
-        session: SessionDep, settings: SettingsDep, user: CurrentUser, body: CscAuthorizeRequest
+        session: SessionDep, settings: SettingsDep, user: UserDep, body: CscAuthorizeRequest
     ) -> CscAuthorizeResponse:
         """PIN (+ OTP) → a SAD bound to the caller, the credential, the count and the hashes."""
-        grant = signing.authorize(
+        grant = csc.authorize(
             session,
             settings.policy,
             user,
@@ -280,7 +286,7 @@ def _router(version: Version) -> APIRouter:
             num_signatures=body.numSignatures,
             hashes=body.hashes,
             hash_oid=body.hashAlgorithmOID,
-            factors=signing.Factors.from_request(
+            factors=csc.Factors.from_request(
                 body.PIN, body.OTP, [(a.id, a.value) for a in body.authData]
             ),
         )
@@ -290,11 +296,11 @@ def _router(version: Version) -> APIRouter:
     def credentials_extend(
         session: SessionDep,
         settings: SettingsDep,
-        user: CurrentUser,
+        user: UserDep,
         body: CscExtendTransactionRequest,
     ) -> CscAuthorizeResponse:
         """A fresh SAD for what the current one has left (pinned to new hashes if given)."""
-        grant = signing.extend_transaction(
+        grant = csc.extend_transaction(
             session,
             settings.policy,
             user,
@@ -305,27 +311,16 @@ def _router(version: Version) -> APIRouter:
         )
         return CscAuthorizeResponse(SAD=grant.sad, expiresIn=grant.expires_in)
 
-    return router
-
-
-def _sign_router(version: Version) -> APIRouter:
-    """signatures/signHash alone, included before every other router: FastAPI tries routes in
-    order, at a few µs each, and this is the one route whose CPU cost is the throughput."""
-    router = APIRouter(
-        prefix=f"/csc/{version}",
-        tags=[f"Signing (CSC {version})"],
-        responses=documented_errors(400, 401, 403, 404),
-    )
-
-    async def sign_hash(request: Request, body: CscSignHashRequest) -> CscSignHashResponse:
-        """Spend the SAD and sign each digest; signatures in input order, standard base64."""
-        # Runs on the worker's event loop, token check included, not in the thread pool: a
-        # worker's signatures queue on its one HSM session and its SQLite writes on the
-        # database lock anyway, and hand-offs to pool threads cost more CPU than a signature.
-        signatures = signing.sign_hash(
-            get_direct(request),
-            await get_hsm(request),
-            await request_bearer(request),
+    @router.post("/signatures/signHash", response_model_exclude_none=True)
+    def sign_hash(
+        session: SessionDep, hsm: HsmDep, user: UserDep, body: CscSignHashRequest
+    ) -> CscSignHashResponse:
+        """Sign each digest the SAD covers, then spend it; signatures in input order, standard
+        base64."""
+        signatures = csc.sign_hash(
+            session,
+            hsm,
+            user,
             credential_id=body.credentialID,
             sad_value=body.SAD,
             hashes=body.hashes,
@@ -335,16 +330,7 @@ def _sign_router(version: Version) -> APIRouter:
         )
         return CscSignHashResponse(signatures=[b64encode(s) for s in signatures])
 
-    router.add_api_route(
-        "/signatures/signHash",
-        sign_hash,
-        methods=["POST"],
-        response_model_exclude_none=True,
-        route_class_override=DirectRoute,
-        openapi_extra={"security": [{"HTTPBearer": []}]},
-    )
-
     return router
 
 
-routers = [_sign_router("v2"), _sign_router("v1"), _router("v2"), _router("v1")]
+routers = [_router("v2"), _router("v1")]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
+from server.api.pipeline import APIRouter
 from server.schemas import HealthResponse
 
 router = APIRouter(tags=["Health"])
