@@ -316,6 +316,8 @@ class TokenResponse(BaseModel):
     refresh_token: str | None = None
     token_type: Literal["Bearer", "DPoP"] = "Bearer"  # noqa: S105 -- the scheme name
     expires_in: int
+    refresh_expires_in: int | None = None
+    """Seconds until the session ends (refreshing does not extend it)."""
 
 
 # --- /api/v1: PIN and PIV key operations -----------------------------------------------------

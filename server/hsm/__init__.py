@@ -7,6 +7,6 @@
 """
 
 from server.algorithms import KeyAlg
-from server.hsm.pkcs11 import Hsm, KeyRef, PublicKey
+from server.hsm.pkcs11 import HSM_CLOCK, Hsm, HsmClock, KeyRef, PublicKey, conceal_timing
 
-__all__ = ["Hsm", "KeyAlg", "KeyRef", "PublicKey"]
+__all__ = ["HSM_CLOCK", "Hsm", "HsmClock", "KeyAlg", "KeyRef", "PublicKey", "conceal_timing"]

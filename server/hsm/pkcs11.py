@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -185,8 +186,33 @@ class _SharedSession:
         log.warning("the HSM session was lost; logged in again")
 
 
+class HsmClock:
+    """The time the HSM spent on one request's operations (its ``Server-Timing``), unless an
+    operation conceals it (:func:`conceal_timing`)."""
+
+    __slots__ = ("seconds", "shown")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.shown = True
+
+
+HSM_CLOCK: ContextVar[HsmClock | None] = ContextVar("hsm_clock", default=None)
+"""The current request's clock; the request pipeline sets it."""
+_entered = threading.local()
+
+
+def conceal_timing() -> None:
+    """Keep this request's HSM and processing times out of its answer (a decryption's timing
+    must tell a client nothing)."""
+    clock = HSM_CLOCK.get()
+    if clock is not None:
+        clock.shown = False
+
+
 class _Guard:
-    """Holds the module lock around one use of the shared session; translates errors.
+    """Holds the module lock around one use of the shared session; translates errors; adds
+    the time inside the lock to the request's :class:`HsmClock`.
 
     A class rather than a generator context manager: it runs on every signature.
     """
@@ -205,9 +231,13 @@ class _Guard:
             except p11e.PKCS11Error as e:
                 shared.lock.release()
                 raise _translate(e) from e
+        _entered.at = time.perf_counter()
         return shared.session
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        clock = HSM_CLOCK.get()
+        if clock is not None:
+            clock.seconds += time.perf_counter() - _entered.at
         if isinstance(exc, _SESSION_LOST):
             self._shared.stale = True
         self._shared.lock.release()

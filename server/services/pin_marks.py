@@ -102,6 +102,20 @@ def clear_session(session: Session, session_id: int) -> None:
     )
 
 
+def move(session: Session, old_session_id: int, new_session_id: int) -> None:
+    """Carry the live marks of a login session over to its refreshed refresh token."""
+    session.execute(
+        update(AuthToken)
+        .where(
+            AuthToken.parent_id == old_session_id,
+            AuthToken.kind.in_(_KINDS),
+            AuthToken.revoked.is_(False),
+        )
+        .values(parent_id=new_session_id)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def clear_user(session: Session, user_id: int) -> None:
     """Forget every PIN verification of the user's sessions (the PIN was blocked, reset or
     replaced: no earlier verification may outlive it)."""

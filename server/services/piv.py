@@ -18,7 +18,7 @@ from server import padding
 from server.algorithms import csc_hash_for_length
 from server.config import Policy
 from server.errors import InvalidRequest, PaddingRejected, PinBlocked, PinIncorrect, PinRequired
-from server.hsm import Hsm
+from server.hsm import Hsm, conceal_timing
 from server.models import AuthToken
 from server.services import audit, keyuse, pin_marks, pins, tokens, users
 from server.services.keyuse import KeyOp, KeyUse
@@ -138,6 +138,7 @@ def _run(hsm: Hsm, cred: KeyUse, op: KeyOp, data: bytes) -> tuple[bytes, audit.E
     if op is KeyOp.RSA_RAW:
         return hsm.rsa_raw(cred.key, data), audit.Event.SIGN
     if op is KeyOp.DECRYPT:
+        conceal_timing()
         result = hsm.rsa_decrypt_raw(cred.key, data)
         padding.check_decrypted_block(result)
         return result, audit.Event.DECRYPT

@@ -21,7 +21,7 @@ from server.config import Policy
 from server.db import affected, runner
 from server.errors import Forbidden, InvalidOtp, RateLimited, ServerError, Unauthorized
 from server.models import AuthToken, Device, User, utcnow
-from server.services import audit, otp, users
+from server.services import audit, otp, pin_marks, users
 from server.services.hashing import new_token, token_digest
 
 ACCESS, REFRESH, ADMIN = "access", "refresh", "admin"
@@ -35,6 +35,11 @@ class TokenPair:
     refresh_token: str
     expires_in: int
     """Seconds until the access token expires."""
+    refresh_expires_in: int
+    """Seconds until the session ends (the refresh token expires; refreshing does not extend
+    it: a session lasts ``refresh_token_ttl`` from its login)."""
+    session_id: int
+    """The refresh token's row: the login session."""
 
 
 @dataclass(frozen=True)
@@ -86,17 +91,29 @@ def _store(
 
 
 def issue_pair(
-    session: Session, user: User, policy: Policy, *, second_factor: bool, jkt: str | None = None
+    session: Session,
+    user: User,
+    policy: Policy,
+    *,
+    second_factor: bool,
+    jkt: str | None = None,
+    session_expires: datetime | None = None,
 ) -> TokenPair:
-    """New access + refresh tokens for ``user``, bound to the device key ``jkt`` if given."""
+    """New access + refresh tokens for ``user``, bound to the device key ``jkt`` if given.
+
+    :param session_expires: when the session ends (a refresh keeps its login's end); by
+        default ``refresh_token_ttl`` from now.
+    """
     now = utcnow()
+    ends = session_expires or now + policy.ttl("refresh_token_ttl")
+    access_ends = min(now + policy.ttl("access_token_ttl"), ends)
     refresh, access = new_token(), new_token()
     parent = _store(
         session,
         refresh,
         REFRESH,
         user_id=user.id,
-        expires_at=now + policy.ttl("refresh_token_ttl"),
+        expires_at=ends,
         second_factor=second_factor,
         jkt=jkt,
     )
@@ -105,12 +122,18 @@ def issue_pair(
         access,
         ACCESS,
         user_id=user.id,
-        expires_at=now + policy.ttl("access_token_ttl"),
+        expires_at=access_ends,
         second_factor=second_factor,
         parent_id=parent.id,
         jkt=jkt,
     )
-    return TokenPair(access, refresh, policy.access_token_ttl)
+    return TokenPair(
+        access,
+        refresh,
+        max(0, int((access_ends - now).total_seconds())),
+        max(0, int((ends - now).total_seconds())),
+        parent.id,
+    )
 
 
 def require_device(session: Session, user: User, jkt: str) -> Device:
@@ -224,6 +247,7 @@ class _Token:
     parent_id: int | None
     user_id: int | None
     user_name: str
+    expires_at: datetime | None
 
 
 def _live(session: Session, token: str) -> _Token:
@@ -240,7 +264,9 @@ def _live(session: Session, token: str) -> _Token:
         raise Unauthorized("invalid or expired token")
     if kind != ADMIN and (user_id is None or disabled):
         raise Unauthorized("invalid or expired token")
-    return _Token(token_id, kind, bool(second_factor), jkt, parent_id, user_id, name or "")
+    return _Token(
+        token_id, kind, bool(second_factor), jkt, parent_id, user_id, name or "", expires_at
+    )
 
 
 def authenticate(session: Session, token: str) -> Principal:
@@ -269,7 +295,8 @@ def refresh(
     session: Session, policy: Policy, refresh_token: str, *, jkt: str | None = None
 ) -> TokenPair:
     """Rotate a refresh token: the old one (and its access tokens) stop working. A refresh
-    token bound to a device key needs a DPoP proof of that key (``jkt``).
+    token bound to a device key needs a DPoP proof of that key (``jkt``). The session keeps its
+    end and its PIV PIN verification (a refresh is not a card reset).
 
     :raises Unauthorized: unknown, expired, revoked or already used refresh token, or the
         proof of another key (or none) for a bound one.
@@ -290,11 +317,19 @@ def refresh(
         raise Unauthorized("invalid or expired token")
     session.execute(
         update(AuthToken)
-        .where(AuthToken.parent_id == row.id)
+        .where(AuthToken.parent_id == row.id, AuthToken.kind == ACCESS)
         .values(revoked=True)
         .execution_options(synchronize_session=False)
     )
-    pair = issue_pair(session, user, policy, second_factor=row.second_factor, jkt=row.jkt)
+    pair = issue_pair(
+        session,
+        user,
+        policy,
+        second_factor=row.second_factor,
+        jkt=row.jkt,
+        session_expires=row.expires_at,
+    )
+    pin_marks.move(session, row.id, pair.session_id)
     audit.append(session, actor=f"user:{user.name}", event=audit.Event.REFRESH)
     return pair
 

@@ -24,6 +24,7 @@ def _pair(pair: tokens.TokenPair, bound: bool) -> TokenResponse:
         refresh_token=pair.refresh_token,
         token_type="DPoP" if bound else "Bearer",  # noqa: S106 -- the scheme's name
         expires_in=pair.expires_in,
+        refresh_expires_in=pair.refresh_expires_in,
     )
 
 

@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``cardbridge card``: enroll this workstation, run the card (the enrolled user's remote keys,
+or a standalone software card), and open, inspect and end the user's session in it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from relay import config as cfg
+from relay import control
+from relay.client import RelayError, Timeouts
+from relay.enroll import enroll as enroll_device
+from relay.service import CardService
+from vcard import cli as soft_cli
+from vcard.apdu import TRAFFIC
+from vcard.card import VirtualCard
+from vcard.softkeys import SoftKeyBackend
+from vcard.vpcd import DEFAULT_HOST, DEFAULT_PORT, VpcdLink, VpcdUnreachable, parse_address
+
+app = typer.Typer(help="Enroll, run and use the virtual PIV card.", no_args_is_help=True)
+app.command("init-soft")(soft_cli.init_soft)
+app.command("doctor")(soft_cli.doctor)
+
+logger = logging.getLogger(__name__)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="DIR",
+        envvar=cfg.CONFIG_ENV,
+        help="The card's configuration directory (default: the user's config directory).",
+        file_okay=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _fail(message: str) -> NoReturn:
+    """The one way these commands report a failure: one line on stderr, exit status 1."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _socket() -> Path:
+    return cfg.runtime_dir() / cfg.CONTROL_SOCKET
+
+
+def _ask(what: str, request: dict[str, Any], op: str, timeout: float = 30.0) -> dict[str, Any]:
+    try:
+        return control.request(_socket(), op, timeout=timeout, **request)
+    except control.ControlError as e:
+        _fail(f"{what}: {e}")
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "unknown"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@app.command()
+def enroll(
+    server: Annotated[
+        list[str],
+        typer.Option(
+            "--server", metavar="URL", help="Server URL; repeat for fail-over (first preferred)."
+        ),
+    ],
+    code: Annotated[
+        str, typer.Option("--code", help="The enrollment code `cardbridge admin enroll` printed.")
+    ],
+    config: ConfigOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a card already enrolled here.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make this workstation a device of the user: check the server against the CA the code
+    pins, register a new device key, and store the card's configuration."""
+    directory = cfg.config_dir(config)
+    try:
+        enrolled = enroll_device(server, code, directory, force=force)
+    except (RelayError, OSError, ValueError) as e:
+        _fail(f"enrollment failed: {e}")
+    card = enrolled.config
+    slots = {c.slot: c.alg for c in card.credentials}
+    if as_json:
+        _print_json({"user": card.user, "device_id": card.device_id, "servers": card.servers,
+                     "config": str(directory), "slots": slots})  # fmt: skip
+        return
+    typer.echo(f"Enrolled {card.user} (device {card.device_id}) in {directory}")
+    for slot, alg in slots.items():
+        typer.echo(f"  slot {slot}: {alg}")
+    typer.echo("Next: cardbridge card run   (then: cardbridge card login)")
+
+
+@app.command()
+def run(
+    soft: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Run a standalone software card made by init-soft."),
+    ] = None,
+    config: ConfigOpt = None,
+    vpcd: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="vpcd's address.")
+    ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    approval_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds a sole-control signature waits for `card approve`."),
+    ] = 60.0,
+    server_timeout: Annotated[
+        float, typer.Option(min=0.5, help="Seconds to wait for the server's answer.")
+    ] = 10.0,
+    trace: Annotated[
+        bool, typer.Option("--trace", "-v", help="Log every APDU (secrets redacted).")
+    ] = False,
+) -> None:
+    """Present the card in vpcd's reader until interrupted: the enrolled user's card (keys in
+    the server's HSM), or with --soft a local software card."""
+    logging.basicConfig(
+        level=TRAFFIC if trace else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
+    try:
+        host, port = parse_address(vpcd)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--vpcd") from None
+    service: CardService | None = None
+    server: control.ControlServer | None = None
+    try:
+        if soft is not None:
+            card = VirtualCard(SoftKeyBackend.open(soft))
+        else:
+            enrolled = cfg.Enrolled.load(cfg.config_dir(config))
+            service = CardService(
+                enrolled,
+                timeouts=Timeouts(read=server_timeout),
+                approval_timeout=approval_timeout,
+            )
+            card = VirtualCard(service.backend)
+            cfg.private_dir(cfg.runtime_dir())
+            server = control.ControlServer(_socket(), service.handle)
+    except (OSError, ValueError, control.ControlError) as e:
+        _fail(str(e))
+    link = VpcdLink(card, host, port)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        link.stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    if server is not None and service is not None:
+        server.start()
+        logger.info(
+            "card of %s ready; log in with `cardbridge card login`", service.session.user
+        )
+    try:
+        link.run()
+    except VpcdUnreachable as e:
+        _fail(str(e))
+    finally:
+        if server is not None:
+            server.close()
+        if service is not None:
+            service.close()
+    logger.info("card stopped")
+
+
+@app.command()
+def login(
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin's first line.")
+    ] = False,
+    otp: Annotated[
+        str | None, typer.Option("--otp", help="The current one-time password (TOTP).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Open the user's session in the running card: password and TOTP."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            _fail("--password-stdin: stdin holds no password")
+    else:
+        password = getpass.getpass("Password: ")
+    if otp is None:
+        otp = typer.prompt("One-time password").strip()
+    answer = _ask("login failed", {"password": password, "otp": otp}, "login")
+    if as_json:
+        _print_json({"user": answer["user"], "expires_at": answer["expires_at"]})
+        return
+    typer.echo(f"Logged in as {answer['user']}; the session ends {_when(answer['expires_at'])}")
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """The running card: server, session, PIN tries, waiting approvals, last error."""
+    answer = _ask("status", {}, "status")
+    answer.pop("ok", None)
+    if as_json:
+        _print_json(answer)
+        return
+    session = answer["session"]
+    typer.echo(f"user:       {answer['user']} (device {answer['device_id']})")
+    typer.echo(f"servers:    {', '.join(answer['servers'])}")
+    typer.echo(f"server:     {answer['server'] or 'none reached yet'}")
+    state = f"active, ends {_when(session['expires_at'])}" if session["active"] else "none"
+    typer.echo(f"session:    {state}")
+    pin = answer["pin"]
+    typer.echo(f"PIN tries:  {pin['retries']} (PUK {pin['puk_retries']})")
+    typer.echo(f"last error: {answer['last_error'] or 'none'}")
+    for waiting in answer["pending"]:
+        typer.echo(
+            f"waiting:    #{waiting['id']} slot {waiting['slot']} {waiting['what']} "
+            f"{waiting['digest']} ({waiting['waiting']} s)"
+        )
+
+
+@app.command()
+def logout() -> None:
+    """End the user's session in the running card (and on the server)."""
+    _ask("logout", {}, "logout")
+    typer.echo("Logged out")
+
+
+@app.command()
+def approve(
+    otp: Annotated[
+        str | None, typer.Option("--otp", help="A fresh one-time password (TOTP).")
+    ] = None,
+    approval_id: Annotated[
+        int | None, typer.Option("--id", help="Which waiting signature (default: the oldest).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a waiting signature with a sole-control key: show it, then sign it with a
+    fresh TOTP."""
+    pending = _ask("approve", {}, "status")["pending"]
+    if not pending:
+        _fail("no signature waits for approval")
+    if not as_json:
+        for waiting in pending:
+            typer.echo(
+                f"#{waiting['id']}: slot {waiting['slot']}, {waiting['what']}, "
+                f"digest {waiting['digest']}, waiting {waiting['waiting']} s"
+            )
+    if otp is None:
+        otp = typer.prompt("One-time password to approve").strip()
+    request: dict[str, Any] = {"otp": otp}
+    if approval_id is not None:
+        request["id"] = approval_id
+    answer = _ask("approval refused", request, "approve", timeout=120)
+    if as_json:
+        _print_json({"outcome": answer["outcome"], "approval": answer["approval"]})
+        return
+    typer.echo(f"Approved #{answer['approval']['id']}: {answer['outcome']}")
