@@ -207,6 +207,8 @@ class RemoteKeyBackend:
             self._objects[slot.object_id] = cert_object(cert)
         self._pin = PinStatus(PIN_TRIES, PIN_TRIES, False)
         self._puk = PinStatus(PUK_TRIES, PUK_TRIES, False)
+        self.server_verified: bool | None = None
+        """The server's PIN mark of this session, when last heard (None: never)."""
         self._marked = False
         """Whether the server may hold a PIN mark of this card session."""
         self._reset_pending = False
@@ -351,6 +353,7 @@ class RemoteKeyBackend:
         if isinstance(status, dict):
             self._pin = PinStatus(self._pin.total, int(status["pin_retries"]), False)
             self._puk = PinStatus(self._puk.total, int(status["puk_retries"]), False)
+            self.server_verified = bool(status["verified"])
 
     def _learn_failure(self, e: CardError, *, puk: bool) -> None:
         remaining = e.retries if isinstance(e, PinIncorrect) else 0

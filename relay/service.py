@@ -92,7 +92,11 @@ class CardService:
             "servers": config.servers,
             "server": self.client.last_server,
             "session": {"active": self.session.active, "expires_at": self.session.expires_at},
-            "pin": {"retries": pin.remaining, "puk_retries": puk.remaining},
+            "pin": {
+                "retries": pin.remaining,
+                "puk_retries": puk.remaining,
+                "verified_on_server": self.backend.server_verified,
+            },
             "last_error": self.session.last_error,
             "approval_timeout": self.backend.approvals.timeout,
             "pending": [a.as_dict() for a in self.backend.approvals.pending()],

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 from cryptography import x509
@@ -52,6 +53,12 @@ class SoftCard:
         out.write_bytes(self.certs[slot].public_bytes(serialization.Encoding.PEM))
         return out
 
+    def run_args(self) -> list[str]:
+        return ["card", "run", "--soft", str(self.path), "--vpcd", VPCD]
+
+    def run_env(self) -> dict[str, str]:
+        return dict(os.environ)
+
     def pubkey_pem(self, slot: Slot, into: Path) -> Path:
         """Write ``slot``'s public key to a PEM file (for openssl -verify / pkeyutl)."""
         out = into / f"pub-{slot.value:02x}.pem"
@@ -89,24 +96,38 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) ->
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+class Presentable(Protocol):
+    """A card `cardbridge card run` can present: where it lives and how to start it."""
+
+    path: Path
+
+    def run_args(self) -> list[str]: ...
+
+    def run_env(self) -> dict[str, str]: ...
+
+
+C = TypeVar("C", bound=Presentable)
+
+
 class CardSlot:
     """The reader's one card position: at most one `cardbridge card run` at a time."""
 
     def __init__(self) -> None:
-        self.current: SoftCard | None = None
+        self.current: Presentable | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
 
-    def present(self, card: SoftCard) -> SoftCard:
+    def present(self, card: C) -> C:
         if self.current is card and self._proc is not None and self._proc.poll() is None:
             return card
         self.remove()
         self._log = card.path.with_suffix(".log")
         with self._log.open("wb") as log:
             self._proc = subprocess.Popen(
-                [CARDBRIDGE, "card", "run", "--soft", str(card.path), "--vpcd", VPCD],
+                [CARDBRIDGE, *card.run_args()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=card.run_env(),
             )
         self.current = card
 
@@ -133,6 +154,16 @@ class CardSlot:
         self.current = None
         assert rc == 0, f"cardbridge card run exited {rc}: {self._log_text()}"
         wait_for(lambda: not card_present(), "pcscd to see the card removed")
+
+    @property
+    def pid(self) -> int:
+        """The running card process."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    def log_text(self) -> str:
+        """The running (or last) card process's log."""
+        return self._log.read_text(errors="replace") if self._log else ""
 
     def _log_text(self) -> str:
         return self._log.read_text(errors="replace")[-2000:] if self._log else ""
