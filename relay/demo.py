@@ -44,6 +44,7 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko.sign.pkcs11 import PKCS11Signer, open_pkcs11_session
 from pyhanko.sign.validation import async_validate_pdf_signature
+from pyhanko.sign.validation.settings import KeyUsageConstraints
 from pyhanko_certvalidator import ValidationContext
 
 from relay.config import CONFIG_ENV, RUNTIME_ENV
@@ -126,6 +127,11 @@ class Validation:
     summary: str
 
 
+SIGNER_KEY_USAGE: Final = KeyUsageConstraints(key_usage={"digital_signature", "non_repudiation"})
+"""A PDF signer's certificate asserts digitalSignature (9A, an approval) or nonRepudiation
+(9C, the PIV digital signature key); pyHanko's default asks for nonRepudiation alone."""
+
+
 def validate_pdf(pdf: bytes, ca: x509.Certificate) -> Validation:
     """Validate the first signature of ``pdf`` with ``ca`` as the only trust anchor and no
     network access."""
@@ -134,7 +140,9 @@ def validate_pdf(pdf: bytes, ca: x509.Certificate) -> Validation:
         trust_roots=[asn1_x509.Certificate.load(ca.public_bytes(Encoding.DER))],
         allow_fetching=False,
     )
-    status = asyncio.run(async_validate_pdf_signature(embedded, context))
+    status = asyncio.run(
+        async_validate_pdf_signature(embedded, context, key_usage_settings=SIGNER_KEY_USAGE)
+    )
     signer = x509.load_der_x509_certificate(status.signing_cert.dump()).subject
     return Validation(
         intact=bool(status.intact),

@@ -75,7 +75,8 @@ def test_the_private_keys_exist_only_in_the_servers_token(
     data = bridge_server.data
     out = run("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so", "--login",
               "--pin", (data / "hsm-pin").read_text().strip(), "--list-objects",
-              "--type", "privkey", "--token-label", "cardbridge")  # fmt: skip
+              "--type", "privkey", "--token-label", "cardbridge",
+              env={"SOFTHSM2_CONF": str(data / "softhsm2.conf")})  # fmt: skip
     mine = [block for block in out.split("Private Key Object")
             if f"{remote_card.user}/" in block]  # fmt: skip
     assert len(mine) == 4, out
@@ -154,13 +155,12 @@ def test_ssh_logs_in_with_the_9a_key(remote_card: RemoteCard, tmp_path: Path) ->
         proc = subprocess.run(
             ["ssh", "-F", "/dev/null", "-I", PKCS11, "-p", str(port),
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "-o", "IdentitiesOnly=yes", "-o", "PasswordAuthentication=no",
-             "-o", "KbdInteractiveAuthentication=no",
+             "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
              "root@127.0.0.1", "echo", "logged-in-with-the-card"],
             env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"},
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
         )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr + (tmp_path / "sshd.log").read_text()
     assert proc.stdout.strip() == "logged-in-with-the-card"
 
 
@@ -188,8 +188,9 @@ class sshd:  # noqa: N801 -- used like a function: ``with sshd(...) as port``
             "PermitRootLogin prohibit-password", "",
         ]))  # fmt: skip
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.log = (self.where / "sshd.log").open("wb")
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: _listening(port), f"sshd on port {port}")
         return port
 
@@ -227,7 +228,7 @@ def test_status_logout_and_login(remote_card: RemoteCard, tmp_path: Path,
     listed = pkcs11("--list-objects", "--type", "cert")
     assert len(re.findall(r"^Certificate Object", listed, re.M)) == 4
     refused = sign(remote_card, "9a", tmp_path, ok=False)
-    assert "CKR_USER_NOT_LOGGED_IN" in refused or "CKR_" in refused, refused
+    assert "CKR_USER_NOT_LOGGED_IN" in refused, refused
     assert "no session: run `cardbridge card login`" in card_slot.log_text()
     remote_card.login()
     sign(remote_card, "9a", tmp_path)

@@ -169,14 +169,17 @@ class CardSlot:
         return self._log.read_text(errors="replace")[-2000:] if self._log else ""
 
 
-def run(*args: str | Path, ok: bool = True, input: bytes | None = None) -> str:
+def run(
+    *args: str | Path, ok: bool = True, input: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run a client tool; returns stdout+stderr, failing the test on an unexpected exit code."""
     proc = subprocess.run(
         [str(a) for a in args],
         capture_output=True,
         input=input,
         timeout=120,
-        env={**os.environ, "LC_ALL": "C"},
+        env={**os.environ, **(env or {}), "LC_ALL": "C"},
     )
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     if ok and proc.returncode != 0:
