@@ -126,6 +126,10 @@ def run(
     server_timeout: Annotated[
         float, typer.Option(min=0.5, help="Seconds to wait for the server's answer.")
     ] = 10.0,
+    failback_after: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds before a server that failed is tried first again."),
+    ] = 30.0,
     trace: Annotated[
         bool, typer.Option("--trace", "-v", help="Log every APDU (secrets redacted).")
     ] = False,
@@ -152,6 +156,7 @@ def run(
                 enrolled,
                 timeouts=Timeouts(read=server_timeout),
                 approval_timeout=approval_timeout,
+                failback_after=failback_after,
             )
             card = VirtualCard(service.backend)
             cfg.private_dir(cfg.runtime_dir())

@@ -36,6 +36,7 @@ class CardService:
     :param enrolled: the card's configuration and device key.
     :param timeouts: server connect and answer timeouts.
     :param approval_timeout: seconds a sole-control signature waits for approval.
+    :param failback_after: seconds before a server that failed is tried first again.
     """
 
     def __init__(
@@ -44,12 +45,17 @@ class CardService:
         *,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- a frozen dataclass
         approval_timeout: float = 60.0,
+        failback_after: float = 30.0,
     ) -> None:
         self.enrolled = enrolled
         self.timeouts = timeouts
         config = enrolled.config
         self.client = ServerClient(
-            config.servers, config.ca_pem, enrolled.device, timeouts=timeouts
+            config.servers,
+            config.ca_pem,
+            enrolled.device,
+            timeouts=timeouts,
+            retry_after=failback_after,
         )
         self.session = Session(self.client, config.user)
         self.backend = RemoteKeyBackend(enrolled, self.session, approval_timeout=approval_timeout)

@@ -15,11 +15,12 @@ from typing import Final
 from sqlalchemy.orm import Session
 
 from server import padding
-from server.algorithms import csc_hash_for_length
+from server.algorithms import Scheme, csc_hash_for_length
 from server.config import Policy
 from server.errors import InvalidRequest, PaddingRejected, PinBlocked, PinIncorrect, PinRequired
 from server.hsm import Hsm, conceal_timing
 from server.models import AuthToken
+from server.schemas import b64encode
 from server.services import audit, keyuse, pin_marks, pins, tokens, users
 from server.services.keyuse import KeyOp, KeyUse
 from server.services.tokens import Principal
@@ -122,15 +123,21 @@ def operation(
 
 def _check_input(cred: KeyUse, op: KeyOp, data: bytes) -> dict[str, str]:
     """The input checks of rule 3 and of each algorithm, before any PIN state is spent; what
-    they found, for the audit record."""
+    they found, for the audit record (the digest signed, so that an operator can reconcile the
+    log with what a client received)."""
     alg = cred.key.alg
     if op in (KeyOp.RSA_RAW, KeyOp.DECRYPT) and not alg.is_rsa:
         raise InvalidRequest(f"{op} needs an RSA key")
     if op is KeyOp.RSA_RAW:
         block = padding.check_signing_block(data, (alg.bits + 7) // 8)
-        return {"scheme": str(block.scheme), "hash": block.hash.name}
-    if op is KeyOp.ECDSA and (alg.curve_oid is None or len(data) != (alg.bits + 7) // 8):
-        raise InvalidRequest("ECDSA needs an EC key and a digest as long as its field")
+        details = {"scheme": str(block.scheme), "hash": block.hash.name}
+        if block.scheme is Scheme.PKCS1V15:  # the DigestInfo's digest ends the block
+            details["digest"] = b64encode(data[-block.hash.size :])
+        return details
+    if op is KeyOp.ECDSA:
+        if alg.curve_oid is None or len(data) != (alg.bits + 7) // 8:
+            raise InvalidRequest("ECDSA needs an EC key and a digest as long as its field")
+        return {"digest": b64encode(data)}
     return {}
 
 

@@ -389,7 +389,8 @@ def test_every_key_use_is_audited(api: Api) -> None:
     assert ("decrypt", f"credential:{user.credentials['9d']}") in events
     sign_rec = next(rec for rec in mine if rec["event"] == "sign")
     assert sign_rec["details"] == {"slot": "9a", "op": "rsa-raw", "scheme": "pkcs1v15",
-                                   "hash": "sha256"}
+                                   "hash": "sha256",
+                                   "digest": b64(hashlib.sha256(b"audited").digest())}
     refused = next(rec for rec in mine if rec["event"] == "key.refused")
     assert refused["subject"] == f"credential:{user.credentials['9a']}"
     assert refused["details"]["reason"] == "invalid_padding"

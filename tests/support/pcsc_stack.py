@@ -156,10 +156,9 @@ class CardSlot:
         wait_for(lambda: not card_present(), "pcscd to see the card removed")
 
     @property
-    def pid(self) -> int:
-        """The running card process."""
-        assert self._proc is not None
-        return self._proc.pid
+    def running(self) -> bool:
+        """Whether the presented card's process is still running."""
+        return self._proc is not None and self._proc.poll() is None
 
     def log_text(self) -> str:
         """The running (or last) card process's log."""
