@@ -122,9 +122,9 @@ class Approvals:
         try:
             if not approval.approved.wait(self.timeout):
                 approval.outcome = "timed out"
-                raise SecurityStatusNotSatisfied(
-                    f"no approval within {self.timeout:g} s: run `cardbridge card approve`"
-                )
+                why = f"no approval within {self.timeout:g} s: run `cardbridge card approve`"
+                logger.warning("signature #%d with %s refused: %s", approval.id, slot, why)
+                raise SecurityStatusNotSatisfied(why)
             yield approval
         finally:
             with self._lock:
@@ -163,6 +163,21 @@ def _describe_block(block: bytes) -> tuple[str, str]:
         except ValueError:
             pass
     return "RSA PSS block (its SHA-256)", hashlib.sha256(block).hexdigest()
+
+
+def card_error(refusal: ServerRefused) -> CardError:
+    """The status word for a server's refusal (the table in this module's docstring)."""
+    if refusal.code in ("invalid_pin", "invalid_puk"):
+        return PinIncorrect(refusal.retries if refusal.retries is not None else 0)
+    if refusal.code == "pin_blocked":
+        return PinBlocked(refusal.description)
+    if refusal.code in _NEEDS_AUTH:
+        return SecurityStatusNotSatisfied(refusal.description)
+    if refusal.code in _NOT_ALLOWED:
+        return ConditionsNotSatisfied(refusal.description)
+    if refusal.code in ("invalid_padding", "invalid_request"):
+        return IncorrectData(refusal.description)
+    return ExecutionError(refusal.description)
 
 
 @dataclass(frozen=True)
@@ -230,24 +245,10 @@ class RemoteKeyBackend:
         except ServerRefused as e:
             self.session.last_error = f"{what}: {e}"
             logger.warning("%s refused by the server: %s", what, e)
-            raise self._card_error(e) from e
+            raise card_error(e) from e
         except RelayError as e:
             logger.warning("%s failed: %s", what, e)
             raise ExecutionError(str(e)) from e
-
-    def _card_error(self, e: ServerRefused) -> CardError:
-        if e.code in ("invalid_pin", "invalid_puk"):
-            retries = e.retries if e.retries is not None else 0
-            return PinIncorrect(retries)
-        if e.code == "pin_blocked":
-            return PinBlocked(e.description)
-        if e.code in _NEEDS_AUTH:
-            return SecurityStatusNotSatisfied(e.description)
-        if e.code in _NOT_ALLOWED:
-            return ConditionsNotSatisfied(e.description)
-        if e.code in ("invalid_padding", "invalid_request"):
-            return IncorrectData(e.description)
-        return ExecutionError(e.description)
 
     # Keys ---------------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class RemoteKeyBackend:
                 try:
                     result = self._send(cred, op, body)
                 except CardError as e:
-                    approval.outcome = f"refused: {e}"
+                    approval.outcome = f"the server refused it: {e}"
                     raise
                 approval.outcome = "signed"
                 return result

@@ -270,7 +270,7 @@ def approve(
     request: dict[str, Any] = {"otp": otp}
     if approval_id is not None:
         request["id"] = approval_id
-    answer = _ask("approval refused", request, "approve", timeout=120)
+    answer = _ask("approval failed", request, "approve", timeout=120)
     if as_json:
         _print_json({"outcome": answer["outcome"], "approval": answer["approval"]})
         return

@@ -140,7 +140,7 @@ class CardService:
         approval.done.wait(self.timeouts.connect + self.timeouts.read + OUTCOME_MARGIN)
         outcome = approval.outcome or "no outcome yet"
         if outcome != "signed":
-            return {"ok": False, "error": f"approval #{approval.id}: {outcome}"}
+            return {"ok": False, "error": f"signature #{approval.id}: {outcome}"}
         return {"ok": True, "outcome": outcome, "approval": approval.as_dict()}
 
     def stats(self, request: dict[str, Any]) -> dict[str, Any]:
