@@ -18,7 +18,14 @@ from vcard.card import VirtualCard
 from vcard.constants import DEFAULT_PIN, DEFAULT_PUK, KeyType
 from vcard.provision import init_soft as provision_soft
 from vcard.softkeys import SoftKeyBackend
-from vcard.vpcd import DEFAULT_HOST, DEFAULT_PORT, VpcdLink, VpcdUnreachable, parse_address
+from vcard.vpcd import (
+    DEFAULT_APDU_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    VpcdLink,
+    VpcdUnreachable,
+    parse_address,
+)
 
 app = typer.Typer(help="Run and manage the virtual PIV card.", no_args_is_help=True)
 
@@ -73,6 +80,14 @@ def run(
     trace: Annotated[
         bool, typer.Option("--trace", "-v", help="Log every APDU (secrets redacted).")
     ] = False,
+    apdu_timeout: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            min=0.001,
+            help="Longest time the card may take over one APDU; past it the client gets 6400.",
+        ),
+    ] = DEFAULT_APDU_TIMEOUT,
 ) -> None:
     """Present the card in vpcd's reader until interrupted."""
     logging.basicConfig(
@@ -87,7 +102,7 @@ def run(
         backend = SoftKeyBackend.open(soft)
     except (OSError, ValueError) as e:
         _fail(str(e))
-    link = VpcdLink(VirtualCard(backend), host, port)
+    link = VpcdLink(VirtualCard(backend), host, port, apdu_timeout=apdu_timeout)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         link.stop()
