@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,16 +97,16 @@ class CardSlot:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
 
-    def present(self, card: SoftCard) -> SoftCard:
+    def present(self, card: SoftCard, command: Sequence[str | Path] = ()) -> SoftCard:
+        """Run ``card`` (with ``cardbridge card run --soft``, or ``command``) in the reader."""
         if self.current is card and self._proc is not None and self._proc.poll() is None:
             return card
         self.remove()
         self._log = card.path.with_suffix(".log")
+        argv = command or [CARDBRIDGE, "card", "run", "--soft", card.path, "--vpcd", VPCD]
         with self._log.open("wb") as log:
             self._proc = subprocess.Popen(
-                [CARDBRIDGE, "card", "run", "--soft", str(card.path), "--vpcd", VPCD],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT
             )
         self.current = card
 
@@ -134,8 +134,12 @@ class CardSlot:
         assert rc == 0, f"cardbridge card run exited {rc}: {self._log_text()}"
         wait_for(lambda: not card_present(), "pcscd to see the card removed")
 
+    def log(self) -> str:
+        """What the running (or last) card process wrote."""
+        return self._log.read_text(errors="replace") if self._log else ""
+
     def _log_text(self) -> str:
-        return self._log.read_text(errors="replace")[-2000:] if self._log else ""
+        return self.log()[-2000:]
 
 
 def run(*args: str | Path, ok: bool = True, input: bytes | None = None) -> str:

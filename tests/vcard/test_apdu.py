@@ -174,14 +174,14 @@ SELECT_PIV = "00a4040009a00000030800001000"
 @pytest.mark.parametrize(
     ("interloper", "sw"),
     [
-        ("8020f446", 0x6E00),  # proprietary CLA: refused before the header is read
-        ("ffa4040009a00000030800001000", 0x6E00),
-        ("0ccb3fff035c017e", 0x6882),  # secure messaging
-        ("01cb3fff035c017e", 0x6881),  # logical channel
-        ("db", 0x6700),  # too short to be an APDU
-        ("00a4040005a000", 0x6700),  # Lc larger than the data
-        ("00c0000000", 0x6985),  # GET RESPONSE is not the chain's next part either
-        ("00fd000000", 0x9000),
+        pytest.param("8020f446", 0x6E00, id="CLA-80"),  # refused before its header is read
+        pytest.param("ffa4040009a00000030800001000", 0x6E00, id="CLA-FF"),
+        pytest.param("0ccb3fff035c017e", 0x6882, id="secure-messaging"),
+        pytest.param("01cb3fff035c017e", 0x6881, id="logical-channel"),
+        pytest.param("db", 0x6700, id="1-byte"),
+        pytest.param("00a4040005a000", 0x6700, id="Lc-too-long"),
+        pytest.param("00c0000000", 0x6985, id="GET-RESPONSE"),  # not the chain's next part
+        pytest.param("00fd000000", 0x9000, id="GET-VERSION"),
     ],
 )
 def test_any_other_command_ends_a_pending_chain(host: Host, interloper: str, sw: int) -> None:
