@@ -435,6 +435,7 @@ class Fuzzer:
         self.pin_touched = False
         self.put_data_ok = False
         self._inflight: tuple[bytes, float] | None = None
+        self._unanswered = False
         threading.Thread(target=self._watch, name="unanswered", daemon=True).start()
 
     # One APDU ----------------------------------------------------------------------------
@@ -446,6 +447,9 @@ class Fuzzer:
         try:
             data, sw = self.conn.transmit(apdu)
         except PcscError as e:
+            if self._unanswered:
+                self.history.append(f"{apdu.hex()}  # no answer")
+                raise InvariantBroken(f"no answer after {UNANSWERED_AFTER:.0f} s") from e
             self.history.append(f"{apdu.hex()}  # {e}")
             raise InvariantBroken(f"PC/SC failed on {apdu[:16].hex(' ')}: {e}") from e
         finally:
@@ -467,15 +471,17 @@ class Fuzzer:
         return data, sw
 
     def _watch(self) -> None:
-        """SCardTransmit has no timeout: report an APDU left unanswered, and give up."""
-        while True:
+        """SCardTransmit has no timeout: when an APDU stays unanswered, stop the card, so
+        that vpcd drops it and the transmit fails; if it still hangs, report and exit."""
+        while not self._unanswered:
             time.sleep(1.0)
             inflight = self._inflight
-            if inflight and time.monotonic() - inflight[1] > UNANSWERED_AFTER:
-                self.history.append(f"{inflight[0].hex()}  # no answer")
-                self.report(f"unanswered APDU after {UNANSWERED_AFTER:.0f} s")
-                self.on_abort()
-                os._exit(1)  # the main thread is stuck in SCardTransmit
+            if inflight is not None:
+                self._unanswered = time.monotonic() - inflight[1] > UNANSWERED_AFTER
+        self.on_abort()
+        time.sleep(10)
+        self.report(f"no answer after {UNANSWERED_AFTER:.0f} s, and none after stopping the card")
+        os._exit(1)  # the main thread is still stuck in SCardTransmit
 
     def read_all(self, apdu: bytes, kind: str) -> tuple[bytes, int]:
         data, sw = self.send(apdu, kind)
