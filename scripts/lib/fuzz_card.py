@@ -73,11 +73,14 @@ INS_IMPORT: Final = 0xFE  # Yubico IMPORT ASYMMETRIC KEY
 PIN: Final = DEFAULT_PIN
 PUK: Final = DEFAULT_PUK
 SELECT_PIV: Final = b"\x00\xa4\x04\x00\x09" + Aid.PIV[:9] + b"\x00"
-#: The checks play the next program, which starts with a command the card refuses (6E00):
-#: it must end whatever chain or 61xx the fuzz left (ISO 7816-4 §5.1). Without it, a SELECT
-#: after an abandoned chained SELECT part is by definition that chain's last part.
+#: A command the card refuses before reading its header (6E00): like any command that is
+#: not a chain's next part or GET RESPONSE, it ends a pending chain and drops a pending
+#: 61xx (ISO 7816-4 §5.1).
 REFUSED: Final = bytes.fromhex("8020F446")
+CHAINED_SELECT_PART: Final = bytes.fromhex("10A40400051122334455")
 GET_CHUID: Final = bytes.fromhex("00CB3FFF055C035FC10200")
+GET_CHUID_8: Final = bytes.fromhex("00CB3FFF055C035FC10208")
+GET_RESPONSE: Final = bytes.fromhex("00C0000000")
 PIN_METADATA: Final = bytes.fromhex("00F7008000")
 PUK_METADATA: Final = bytes.fromhex("00F7008100")
 
@@ -413,7 +416,7 @@ class Stats:
     upkeep: int = 0
     checks: int = 0
     episodes: int = 0
-    sw: Counter[int] = field(default_factory=Counter)
+    sw: Counter[int] = field(default_factory=Counter)  # of the fuzz APDUs and follow-ups
     slowest: tuple[float, bytes] = (0.0, b"")
 
 
@@ -457,13 +460,12 @@ class Fuzzer:
         elapsed = time.perf_counter() - start
         stats = self.stats
         stats.sent += 1
-        stats.sw[sw] += 1
-        if kind == "fuzz":
-            stats.fuzz += 1
-        elif kind == "follow":
-            stats.follow_ups += 1
-        else:
+        if kind == "upkeep":
             stats.upkeep += 1
+        else:
+            stats.sw[sw] += 1
+            stats.fuzz += kind == "fuzz"
+            stats.follow_ups += kind == "follow"
         if elapsed > stats.slowest[0]:
             stats.slowest = (elapsed, apdu)
         self.history.append(f"{apdu.hex()}  # {sw:04X} {len(data)} bytes {elapsed * 1e3:.1f} ms")
@@ -546,13 +548,20 @@ class Fuzzer:
         return Tlv.parse_dict(data)[0x06][1]
 
     def check(self) -> None:
-        """After a refused command, SELECT PIV answers 9000; the CHUID is unchanged; PIN
-        tries moved only on VERIFY, CHANGE REFERENCE DATA or RESET RETRY COUNTER."""
+        """A chain cut short by a refused command is not glued to the next SELECT PIV, which
+        answers 9000; a 61xx is dropped by a refused command; the CHUID is unchanged; the
+        PIN tries moved only on VERIFY, CHANGE REFERENCE DATA or RESET RETRY COUNTER."""
         self.stats.checks += 1
+        self.expect(CHAINED_SELECT_PART, 0x9000, "a chained SELECT part")
         self.expect(REFUSED, 0x6E00, "a proprietary-class command")
         data, sw = self.read_all(SELECT_PIV, "upkeep")
         if sw != 0x9000 or data[:1] != b"\x61":
             raise InvariantBroken(f"SELECT PIV answered {sw:04X} with {data[:4].hex()}")
+        _, sw = self.send(GET_CHUID_8, "upkeep")
+        if sw >> 8 != 0x61:
+            raise InvariantBroken(f"GET DATA CHUID with Le=8 answered {sw:04X}, not 61xx")
+        self.expect(REFUSED, 0x6E00, "a proprietary-class command")
+        self.expect(GET_RESPONSE, 0x6985, "GET RESPONSE after a refused command")
         chuid, sw = self.read_all(GET_CHUID, "upkeep")
         if (sw, chuid) != (0x9000, self.chuid) and not self.put_data_ok:
             raise InvariantBroken(f"the CHUID changed without PUT DATA ({sw:04X})")
@@ -641,7 +650,7 @@ class Limits:
 
 
 def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
-    """Episodes of 20-300 steps from a card reset, with the checks every 4-16 steps and at
+    """Episodes of 20-300 steps from a card reset, with the checks every 6-24 steps and at
     the end of each; raises ``InvariantBroken``. Prints the figures at the end."""
     rng, stats = fuzzer.rng, fuzzer.stats
     start = time.monotonic()
@@ -652,7 +661,7 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
     fuzzer.baseline()
     while not limits.reached(stats.sent):
         fuzzer.new_episode()
-        checks_every = rng.randint(4, 16)
+        checks_every = rng.randint(6, 24)
         for i in range(rng.randint(20, 300)):
             fuzzer.run_step(next(steps))
             if (i + 1) % checks_every == 0:
@@ -675,13 +684,14 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
     print(f"episodes         {stats.episodes}, each from a card reset; {stats.checks} invariant "
           "checks, 0 broken")  # fmt: skip
     print(f"unanswered       0 (none took over {UNANSWERED_AFTER:.0f} s)")
-    print(f"6F00             {stats.sw[0x6F00]}")
+    print("6F00             0 (any 6F00 ends the run)")
     slow_s, slow = stats.slowest
     more = " ..." if len(slow) > 12 else ""
     print(f"slowest APDU     {slow_s * 1e3:.1f} ms: {slow[:12].hex(' ')}{more} ({len(slow)} bytes)")
     print(f"card RSS         {rss['start']:.1f} MB at start, {rss['warm']:.1f} MB after warm-up, "
           f"{rss['end']:.1f} MB at the end: {rss['end'] - rss['warm']:+.1f} MB after warm-up")
-    print("status words     " + histogram(stats.sw))
+    print("status words of the fuzz APDUs and their follow-ups:")
+    print("                 " + histogram(stats.sw))
 
 
 def histogram(sws: Counter[int]) -> str:
