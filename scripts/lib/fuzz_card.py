@@ -8,8 +8,9 @@ without the PIN verified and the management key (9B) authenticated.
 
 Every response must be well formed (a known SW1, data only with 9000/61xx, never more than
 Ne, never 6F00) and come within ``UNANSWERED_AFTER`` seconds. After every few commands it
-checks that SELECT PIV answers 9000, that the CHUID reads back unchanged (unless a PUT DATA
-succeeded since), and that the PIN's retry counter moved only if a VERIFY, CHANGE
+checks that SELECT PIV answers 9000 even after a chain cut short by a refused command, that
+a refused command drops a pending 61xx, that the CHUID reads back unchanged (unless a PUT
+DATA succeeded since), and that the PIN's retry counter moved only if a VERIFY, CHANGE
 REFERENCE DATA or RESET RETRY COUNTER was sent. The first broken invariant ends the run
 with exit status 1 and the APDUs of the episode that broke it.
 
@@ -61,7 +62,7 @@ CARDBRIDGE: Final = str(Path(sys.executable).with_name("cardbridge"))
 #: An APDU not answered within this many seconds is "unanswered" (the card's own bound,
 #: ``--apdu-timeout``, is 30 s: past it the card answers 6400).
 UNANSWERED_AFTER: Final = 60.0
-#: Status word groups a PIV card answers (SP 800-73-4 Part 2 table 6, ISO 7816-4 §5.6).
+#: Status word groups a PIV card answers (SP 800-73-4 Part 2 table 6, ISO 7816-4).
 VALID_SW1: Final = frozenset({0x61, 0x63, 0x64, 0x67, 0x68, 0x69, 0x6A, 0x6D, 0x6E, 0x90})
 #: 1-byte APDUs that vpcd's framing cannot tell from its control codes (see vcard.vpcd).
 CONTROL_BYTES: Final = frozenset({b"\x00", b"\x01", b"\x02", b"\x04"})
@@ -156,7 +157,7 @@ JUNK: Final = (
 
 
 def der_length(n: int) -> bytes:
-    """The minimal BER length field for ``n`` (ISO 7816-4 §5.2.2.2)."""
+    """The minimal BER-TLV length field for ``n`` (ISO 7816-4)."""
     if n < 0x80:
         return bytes([n])
     size = (n.bit_length() + 7) // 8
