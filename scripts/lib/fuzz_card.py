@@ -80,7 +80,8 @@ SELECT_PIV: Final = b"\x00\xa4\x04\x00\x09" + Aid.PIV[:9] + b"\x00"
 REFUSED: Final = bytes.fromhex("8020F446")
 CHAINED_SELECT_PART: Final = bytes.fromhex("10A40400051122334455")
 GET_CHUID: Final = bytes.fromhex("00CB3FFF055C035FC10200")
-GET_CHUID_8: Final = bytes.fromhex("00CB3FFF055C035FC10208")
+#: The first 8 bytes of the Discovery object (20 bytes, read-only): 61xx follows.
+GET_DISCOVERY_8: Final = bytes.fromhex("00CB3FFF035C017E08")
 GET_RESPONSE: Final = bytes.fromhex("00C0000000")
 PIN_METADATA: Final = bytes.fromhex("00F7008000")
 PUK_METADATA: Final = bytes.fromhex("00F7008100")
@@ -558,9 +559,9 @@ class Fuzzer:
         data, sw = self.read_all(SELECT_PIV, "upkeep")
         if sw != 0x9000 or data[:1] != b"\x61":
             raise InvariantBroken(f"SELECT PIV answered {sw:04X} with {data[:4].hex()}")
-        _, sw = self.send(GET_CHUID_8, "upkeep")
+        _, sw = self.send(GET_DISCOVERY_8, "upkeep")
         if sw >> 8 != 0x61:
-            raise InvariantBroken(f"GET DATA CHUID with Le=8 answered {sw:04X}, not 61xx")
+            raise InvariantBroken(f"GET DATA Discovery with Le=8 answered {sw:04X}, not 61xx")
         self.expect(REFUSED, 0x6E00, "a proprietary-class command")
         self.expect(GET_RESPONSE, 0x6985, "GET RESPONSE after a refused command")
         chuid, sw = self.read_all(GET_CHUID, "upkeep")
