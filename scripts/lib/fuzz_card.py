@@ -73,6 +73,13 @@ INS_IMPORT: Final = 0xFE  # Yubico IMPORT ASYMMETRIC KEY
 
 PIN: Final = DEFAULT_PIN
 PUK: Final = DEFAULT_PUK
+
+
+def pad_pin(pin: bytes) -> bytes:
+    """A PIN field: ASCII padded with FF to 8 bytes (SP 800-73-4 Part 2 §2.4.3)."""
+    return pin.ljust(8, b"\xff")
+
+
 SELECT_PIV: Final = b"\x00\xa4\x04\x00\x09" + Aid.PIV[:9] + b"\x00"
 #: A command the card refuses before reading its header (6E00): like any command that is
 #: not a chain's next part or GET RESPONSE, it ends a pending chain and drops a pending
@@ -83,6 +90,7 @@ GET_CHUID: Final = bytes.fromhex("00CB3FFF055C035FC10200")
 #: The first 8 bytes of the Discovery object (20 bytes, read-only): 61xx follows.
 GET_DISCOVERY_8: Final = bytes.fromhex("00CB3FFF035C017E08")
 GET_RESPONSE: Final = bytes.fromhex("00C0000000")
+VERIFY_PIN: Final = b"\x00\x20\x00\x80\x08" + pad_pin(PIN)
 PIN_METADATA: Final = bytes.fromhex("00F7008000")
 PUK_METADATA: Final = bytes.fromhex("00F7008100")
 
@@ -99,10 +107,6 @@ P384_G: Final = bytes.fromhex(
     "3872760ab73617de4a96262c6f5d9e98bf9292dc29f8f41dbd289a147ce9da3113b5f0b8c00a60b1ce1d7e81"
     "9d7a431d7c90ea0e5f"
 )
-
-
-def pad_pin(pin: bytes) -> bytes:
-    return pin.ljust(8, b"\xff")
 
 
 # -- the commands ----------------------------------------------------------------------------
@@ -285,7 +289,7 @@ def gen_pin(rng: random.Random) -> Step:
     if roll < 0.5:  # OpenSC's 9C sequence: VERIFY right before the signature
         body = Tlv(0x7C, Tlv(0x82) + Tlv(0x81, rng.randbytes(32)))
         sign = bytes([0x00, Ins.GENERAL_AUTHENTICATE, 0x11, 0x9C, len(body)]) + body + b"\x00"
-        return Step([bytes.fromhex("0020008008") + pad_pin(PIN), sign])
+        return Step([VERIFY_PIN, sign])
     if roll < 0.8:
         old = rng.choice((pad_pin(PIN), wrong, odd))
         new = rng.choice((pad_pin(PIN), b"\xff" * 8, odd, pad_pin(b"12345")))
@@ -438,6 +442,7 @@ class Fuzzer:
         self.chuid = b""
         self.pin_tries = PIN_TRIES
         self.pin_touched = False
+        self.pin_changed = False  # a PIN or PUK command answered 9000: the PIN may be another
         self.put_data_ok = False
         self._inflight: tuple[bytes, float] | None = None
         self._unanswered = False
@@ -506,7 +511,12 @@ class Fuzzer:
         with_pin, with_mgmt = self.rng.random() < 0.5, self.rng.random() < 0.5
         self.expect(SELECT_PIV, 0x9000, "SELECT PIV")
         if with_pin:
-            self.expect(b"\x00\x20\x00\x80\x08" + pad_pin(PIN), 0x9000, "VERIFY")
+            _, sw = self.read_all(VERIFY_PIN, "upkeep")
+            if sw != 0x9000 and self.pin_changed:  # a fuzz CHANGE REFERENCE DATA had the PIN
+                self.unblock()
+                _, sw = self.read_all(VERIFY_PIN, "upkeep")
+            if sw != 0x9000:
+                raise InvariantBroken(f"VERIFY with the PIN answered {sw:04X}")
         if with_mgmt:
             self.authenticate()
 
@@ -534,6 +544,7 @@ class Fuzzer:
             ins = apdu[1] if len(apdu) >= 4 else None
             self.pin_touched |= ins in PIN_COMMANDS
             puk_checked |= ins in (Ins.CHANGE_REFERENCE, Ins.RESET_RETRY)
+            self.pin_changed |= sw == 0x9000 and ins in (Ins.CHANGE_REFERENCE, Ins.RESET_RETRY)
             self.put_data_ok |= sw == 0x9000 and ins == Ins.PUT_DATA
         if puk_checked and self.tries(PUK_METADATA) < PUK_TRIES:
             self.unblock()
@@ -580,6 +591,7 @@ class Fuzzer:
         reset = b"\x00\x2c\x00\x80\x10" + pad_pin(PUK) + pad_pin(PIN)
         self.expect(reset, 0x9000, "RESET RETRY COUNTER with the right PUK")
         self.pin_tries = self.tries(PIN_METADATA)
+        self.pin_changed = False
 
     # The run -----------------------------------------------------------------------------
 
