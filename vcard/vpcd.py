@@ -224,8 +224,8 @@ class _Connection:
     vpcd waits for an APDU's answer without a timeout, holding pcscd's reader, so a card call
     that hangs (a remote backend whose server does not answer) would wedge every program
     that uses the reader. The frames are read and the card is called on the link's own
-    thread, as without a bound, so the hot path costs two uncontended lock operations and
-    no thread hop. One watchdog thread per connection sleeps until the deadline of the call
+    thread, as without a bound, so the hot path costs one uncontended lock operation and no
+    thread hop. One watchdog thread per connection sleeps until the deadline of the call
     in progress (or, while idle, for ``timeout``), so it does not wake per APDU. If a call
     overruns its deadline, the watchdog answers 6400 (``SW.EXECUTION_ERROR``) on the socket
     itself and stands in for the card until the call returns: it answers the ATR request,
@@ -248,8 +248,8 @@ class _Connection:
         self._stop = stop
         self._quickack = getattr(socket, "TCP_QUICKACK", None)
         self._lock = threading.Lock()
-        # Under _lock: the deadline of the card call in progress and the frame it serves,
-        # and whether the watchdog has answered for it.
+        # The deadline of the card call in progress and the frame it serves (set by the card
+        # thread alone), and whether the watchdog has answered for it; read under _lock.
         self._deadline: float | None = None
         self._request = b""
         self._overran = False
@@ -289,11 +289,15 @@ class _Connection:
         """Run one APDU or power control under the watchdog; the response to send, or None
         (a power control, or a call that overran and was answered by the watchdog)."""
         started = time.monotonic()
-        with self._lock:
-            self._deadline = started + self.timeout
-            self._request = request
+        # Armed without the lock: one attribute store, which the watchdog sees whole.
+        self._request = request
+        self._deadline = started + self.timeout
+        result: bytes | None = None
         try:
-            result = self._card_call(request)
+            if _is_power(request):
+                self._power(request[0])
+            else:
+                result = self.card.transmit(request)
         finally:
             with self._lock:
                 self._deadline = None
@@ -312,17 +316,14 @@ class _Connection:
             self._queued.insert(0, CTRL_RESET)
         return None
 
-    def _card_call(self, request: bytes) -> bytes | None:
-        if not _is_power(request):
-            return self.card.transmit(request)
-        logger.debug("vpcd: %s", _describe(request))
-        if request[0] == CTRL_OFF:
+    def _power(self, code: int) -> None:
+        logger.debug("vpcd: %s", _describe(bytes([code])))
+        if code == CTRL_OFF:
             self.card.power_off()
-        elif request[0] == CTRL_ON:
+        elif code == CTRL_ON:
             self.card.power_on()
         else:
             self.card.reset()
-        return None
 
     def _take_back(self) -> None:
         """Wait until the stand-in has stopped reading at a frame boundary."""
