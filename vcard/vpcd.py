@@ -184,7 +184,10 @@ class VpcdLink:
         dropped connection (pcscd restarted) is retried with exponential backoff.
         """
         sock = self.connect()
-        logger.info("card connected to vpcd at %s:%d", self.host, self.port)
+        logger.info(
+            "card connected to vpcd at %s:%d (APDU timeout %.1f s)",
+            self.host, self.port, self.apdu_timeout,
+        )  # fmt: skip
         delay = _BACKOFF_FIRST
         while True:
             try:
