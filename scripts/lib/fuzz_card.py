@@ -746,6 +746,8 @@ def main() -> int:
         sys.exit(f"fuzz-card: {e}")
     if args.attach is None and card_answers(READER):
         sys.exit(f"fuzz-card: a card is already in {READER!r}; stop it or use --attach PID")
+    if args.attach is not None and not card_answers(READER):
+        sys.exit(f"fuzz-card: no card answers in {READER!r} to attach to")
     print(f"fuzz-card --seed {seed} --count {count}"
           + (f" --minutes {args.minutes}" if args.minutes is not None else "")
           + f": through pcscd + vpcd ({READER})", flush=True)  # fmt: skip
