@@ -669,6 +669,7 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
     rng, stats = fuzzer.rng, fuzzer.stats
     start = time.monotonic()
     rss = {"start": fuzzer.rss_mb()}
+    warm_at = 0  # APDUs sent when the warm-up RSS was read
     warm_up = min(limits.count / 10, 20_000)
     next_progress = start + 30
     fuzzer.new_episode()
@@ -684,7 +685,7 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
                 break
         fuzzer.check()
         if "warm" not in rss and stats.sent >= warm_up:
-            rss["warm"] = fuzzer.rss_mb()
+            rss["warm"], warm_at = fuzzer.rss_mb(), stats.sent
         if time.monotonic() >= next_progress:
             next_progress += 30
             print(f"  {stats.sent:>8} APDUs, {stats.sent / (time.monotonic() - start):.0f}/s",
@@ -702,8 +703,9 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
     slow_s, slow = stats.slowest
     more = " ..." if len(slow) > 12 else ""
     print(f"slowest APDU     {slow_s * 1e3:.1f} ms: {slow[:12].hex(' ')}{more} ({len(slow)} bytes)")
-    print(f"card RSS         {rss['start']:.1f} MB at start, {rss['warm']:.1f} MB after warm-up, "
-          f"{rss['end']:.1f} MB at the end: {rss['end'] - rss['warm']:+.1f} MB after warm-up")
+    print(f"card RSS         {rss['start']:.1f} MB at start, {rss['warm']:.1f} MB after {warm_at} "
+          f"APDUs, {rss['end']:.1f} MB at the end: {rss['end'] - rss['warm']:+.1f} MB since "
+          f"APDU {warm_at}, {rss['end'] - rss['start']:+.1f} MB since the start")
     print("status words of the fuzz APDUs and their follow-ups:")
     print("                 " + histogram(stats.sw))
 
