@@ -8,11 +8,14 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from vcard.card import VirtualCard
+from vcard.constants import Slot
 from vcard.softkeys import SoftKeyBackend
+from vcard.tlv import Tlv
 from vcard.vpcd import VpcdLink, VpcdUnreachable, frame, parse_address
 
 ATR = bytes.fromhex("3BFB1300008131FE158059A000000308000010000071")
@@ -279,10 +282,10 @@ def _timed_recv(vpcd: FakeVpcd) -> tuple[bytes, float]:
     return vpcd.recv(), time.monotonic() - start
 
 
-def _card_back(vpcd: FakeVpcd) -> bytes:
-    """Send GET_DATA until the card itself answers (until then the link answers 6400)."""
+def _card_back(vpcd: FakeVpcd, apdu: bytes = GET_DATA) -> bytes:
+    """Send ``apdu`` until the card itself answers (until then the link answers 6400)."""
     for _ in range(100):
-        vpcd.send(GET_DATA)
+        vpcd.send(apdu)
         answer = vpcd.recv()
         if answer != SW_6400:
             return answer
@@ -398,3 +401,46 @@ def test_one_watchdog_thread_and_no_thread_per_apdu(
         vpcd.recv()
     assert threading.enumerate() == before
     assert [t.name for t in before].count("vpcd-watchdog") == 1
+
+
+class GatedBackend(SoftKeyBackend):
+    """A soft backend whose ECDSA waits for ``gate``, like a server that does not answer."""
+
+    gate: threading.Event
+
+    def ecdsa_sign(self, slot: Slot, digest: bytes) -> bytes:
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().ecdsa_sign(slot, digest)
+
+
+def test_a_hanging_backend_behind_the_real_card(vpcd: FakeVpcd, card_dir: Path) -> None:
+    """VirtualCard over a backend that hangs: 6400 at the deadline; afterwards the card was
+    reset (its PIN must be verified again) and signs normally."""
+    backend = GatedBackend.open(card_dir)
+    assert isinstance(backend, GatedBackend)
+    backend.gate = threading.Event()
+    link = VpcdLink(VirtualCard(backend), "127.0.0.1", vpcd.port, apdu_timeout=TIMEOUT)
+    thread = threading.Thread(target=link.run, daemon=True)
+    thread.start()
+    vpcd.accept()
+    verify = bytes.fromhex("0020008008313233343536FFFF")
+    body = Tlv(0x7C, Tlv(0x82) + Tlv(0x81, bytes(range(48))))
+    sign = bytes([0x00, 0x87, 0x14, Slot.KEY_MANAGEMENT, len(body)]) + body + b"\x00"
+    try:
+        vpcd.send(verify)
+        assert vpcd.recv() == b"\x90\x00"
+        vpcd.send(sign)
+        answer, elapsed = _timed_recv(vpcd)
+        assert answer == SW_6400 and TIMEOUT * 0.9 <= elapsed < TIMEOUT + 1.0
+        backend.gate.set()
+        assert _card_back(vpcd, sign) == b"\x69\x82"  # the reset forgot the PIN
+        vpcd.send(verify)
+        assert vpcd.recv() == b"\x90\x00"
+        vpcd.send(sign)
+        signed = vpcd.recv()
+        assert signed[-2:] == b"\x90\x00"
+        assert Tlv.unpack(0x82, Tlv.unpack(0x7C, signed[:-2]))[0] == 0x30  # DER ECDSA
+    finally:
+        backend.gate.set()
+        link.stop()
+        thread.join(5)
