@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """``cardbridge card``: enroll this workstation, run the card (the enrolled user's remote keys,
-or a standalone software card), and open, inspect and end the user's session in it."""
+or a standalone software card), open, inspect and end the user's session in it, and create and
+diagnose software cards."""
 
 from __future__ import annotations
 
@@ -21,15 +22,22 @@ from relay import control
 from relay.client import RelayError, Timeouts
 from relay.enroll import enroll as enroll_device
 from relay.service import CardService
-from vcard import cli as soft_cli
+from vcard import doctor as doctor_checks
 from vcard.apdu import TRAFFIC
 from vcard.card import VirtualCard
+from vcard.constants import DEFAULT_PIN, DEFAULT_PUK, KeyType
+from vcard.provision import init_soft as provision_soft
 from vcard.softkeys import SoftKeyBackend
-from vcard.vpcd import DEFAULT_HOST, DEFAULT_PORT, VpcdLink, VpcdUnreachable, parse_address
+from vcard.vpcd import (
+    DEFAULT_APDU_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    VpcdLink,
+    VpcdUnreachable,
+    parse_address,
+)
 
 app = typer.Typer(help="Enroll, run and use the virtual PIV card.", no_args_is_help=True)
-app.command("init-soft")(soft_cli.init_soft)
-app.command("doctor")(soft_cli.doctor)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,60 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "unknown"
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _key_type(name: str) -> KeyType:
+    try:
+        return KeyType.from_name(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@app.command("init-soft")
+def init_soft(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Card directory to create.")],
+    alg: Annotated[
+        str, typer.Option(help=f"Key algorithm: {', '.join(KeyType.cli_names())}.")
+    ] = "p256",
+    pin: Annotated[str, typer.Option(help="Initial PIN (6-8 digits).")] = DEFAULT_PIN.decode(),
+    puk: Annotated[str, typer.Option(help="Initial PUK (8 digits).")] = DEFAULT_PUK.decode(),
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a software-key card: keys and certificates in 9A/9C/9D/9E, CA in DIR/ca.pem."""
+    key_type = _key_type(alg)
+    try:
+        card = provision_soft(directory, key_type, pin.encode(), puk.encode())
+    except (OSError, ValueError) as e:
+        _fail(f"cannot create a card in {directory}: {e}")
+    if as_json:
+        typer.echo(json.dumps(card.as_dict(), indent=2))
+        return
+    typer.echo(f"Created a {key_type.cli_name} card in {card.path}")
+    for issued in card.slots:
+        typer.echo(f"  slot {issued.slot.value:02X}  {issued.subject}  sha256 {issued.fingerprint}")
+    typer.echo(f"CA certificate: {card.ca_path} (its private key was discarded)")
+    typer.echo("Run it with: cardbridge card run --soft " + str(card.path))
+
+
+@app.command()
+def doctor(
+    reader: Annotated[
+        str | None, typer.Option(help="Substring of the reader name (default: any vpcd).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check pcscd, the vpcd reader and the card, and say what to fix."""
+    checks = doctor_checks.run_checks(reader)
+    if as_json:
+        typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            mark = "ok  " if check.ok else "FAIL"
+            typer.echo(f"[{mark}] {check.name}: {check.detail}")
+            if check.fix:
+                typer.echo(f"       fix: {check.fix}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -119,6 +181,16 @@ def run(
     vpcd: Annotated[
         str, typer.Option(metavar="HOST:PORT", help="vpcd's address.")
     ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    apdu_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0.001,
+            help="Longest time the card may take over one APDU; past it the client gets 6400 "
+            f"(default {DEFAULT_APDU_TIMEOUT:g} s, for an enrolled card 5 s more than a "
+            "sole-control signature may take).",
+        ),
+    ] = None,
     approval_timeout: Annotated[
         float,
         typer.Option(min=1, help="Seconds a sole-control signature waits for `card approve`."),
@@ -147,6 +219,7 @@ def run(
         raise typer.BadParameter(str(e), param_hint="--vpcd") from None
     service: CardService | None = None
     server: control.ControlServer | None = None
+    bound = apdu_timeout or DEFAULT_APDU_TIMEOUT
     try:
         if soft is not None:
             card = VirtualCard(SoftKeyBackend.open(soft))
@@ -158,12 +231,21 @@ def run(
                 approval_timeout=approval_timeout,
                 failback_after=failback_after,
             )
+            needed = service.longest_operation
+            if apdu_timeout is None:
+                bound = max(bound, needed + 5)
+            elif apdu_timeout <= needed:
+                raise typer.BadParameter(
+                    f"must exceed {needed:g} s (--approval-timeout, the connect timeout and "
+                    "--server-timeout), or the card answers 6400 while it waits",
+                    param_hint="--apdu-timeout",
+                )
             card = VirtualCard(service.backend)
             cfg.private_dir(cfg.runtime_dir())
             server = control.ControlServer(_socket(), service.handle)
     except (OSError, ValueError, control.ControlError) as e:
         _fail(str(e))
-    link = VpcdLink(card, host, port)
+    link = VpcdLink(card, host, port, apdu_timeout=bound)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         link.stop()

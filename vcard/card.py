@@ -106,24 +106,27 @@ class VirtualCard:
         return response
 
     def _transmit(self, raw: bytes) -> bytes:
+        # Whatever this command turns out to be, even one refused before its header is read
+        # (6700, 6E00), it ends the pending response unless it is GET RESPONSE, and the
+        # pending chain unless it is the chain's next part (ISO 7816-4 §5.1, command and
+        # response chaining): nothing another client left behind is glued to a later command.
+        pending, self._pending = self._pending, b""
+        chain, chain_data = self._chain, self._chain_data
+        self._abort_chain()
         command = CommandApdu.parse(raw)
         _check_cla(command.cla)
         if command.ins == Ins.GET_RESPONSE and not command.chained:
-            self._abort_chain()
-            return self._get_response(command)
-        self._pending = b""
+            return self._get_response(command, pending)
         header = (command.ins, command.p1, command.p2)
+        if chain != header:
+            chain_data = b""
         if command.chained:
-            if self._chain != header:
-                self._chain, self._chain_data = header, b""
-            self._chain_data += command.data
-            if len(self._chain_data) > MAX_CHAIN:
-                self._abort_chain()
+            if len(chain_data) + len(command.data) > MAX_CHAIN:
                 raise WrongLength("command chain too long")
+            self._chain, self._chain_data = header, chain_data + command.data
             return _sw(SW.OK)
-        if self._chain == header:
-            command = replace(command, data=self._chain_data + command.data)
-        self._abort_chain()
+        if chain_data:
+            command = replace(command, data=chain_data + command.data)
         self.state.begin_command()
         if command.ins == Ins.SELECT:
             data = self._select(command)
@@ -147,14 +150,13 @@ class VirtualCard:
         self._pending = data[limit:]
         return data[:limit] + _sw(SW.MORE_DATA | min(len(self._pending), 0x100) & 0xFF)
 
-    def _get_response(self, command: CommandApdu) -> bytes:
-        """GET RESPONSE (ISO 7816-4 §7.6.1): the next chunk of the pending response."""
+    def _get_response(self, command: CommandApdu, pending: bytes) -> bytes:
+        """GET RESPONSE (ISO 7816-4 §7.6.1): the next chunk of the ``pending`` response."""
         if command.p1p2 != 0:
             raise IncorrectP1P2("GET RESPONSE takes P1P2=0000")
-        if not self._pending:
+        if not pending:
             raise ConditionsNotSatisfied("no response data pending")
-        data, self._pending = self._pending, b""
-        return self._respond(data, command)
+        return self._respond(pending, command)
 
     def _select(self, command: CommandApdu) -> bytes:
         """SELECT by AID (Part 2 §3.1.1): any 5-11-byte prefix of the PIV AID.

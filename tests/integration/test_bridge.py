@@ -229,7 +229,7 @@ def test_status_logout_and_login(remote_card: RemoteCard, tmp_path: Path,
     assert len(re.findall(r"^Certificate Object", listed, re.M)) == 4
     refused = sign(remote_card, "9a", tmp_path, ok=False)
     assert "CKR_USER_NOT_LOGGED_IN" in refused, refused
-    assert "no session: run `cardbridge card login`" in card_slot.log_text()
+    assert "no session: run `cardbridge card login`" in card_slot.log()
     remote_card.login()
     sign(remote_card, "9a", tmp_path)
 

@@ -102,7 +102,7 @@ def test_server_killed_mid_loop_then_back(
                 assert 15 <= i < 30, f"signature {i} failed while the server was up"
     assert failures == 15 and len(completed) == 30
     assert card_slot.running  # the card process never died
-    assert "ecdsa with 9a failed: no server answered" in card_slot.log_text()  # and says why
+    assert "ecdsa with 9a failed: no server answered" in card_slot.log()  # and says why
     # One audit record per completed signature, no more and no fewer, and the chain holds.
     assert sorted(signed_digests(server, card)) == sorted(completed)
     assert server.admin("audit", "verify").returncode == 0
@@ -201,7 +201,7 @@ def test_revoked_user_and_server_down(
         with pytest.raises(PKCS11Error):
             sign_once(key, card, b"after")
         assert time.monotonic() - began < PROMPT
-    assert "session of revoked ended: the server refused" in card_slot.log_text()
+    assert "session of revoked ended: the server refused" in card_slot.log()
     assert card.status()["session"]["active"] is False
     refused = card.login(check=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr

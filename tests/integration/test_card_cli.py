@@ -69,7 +69,8 @@ def test_run_traces_apdus_without_secrets(card_slot: CardSlot, tmp_path: Path) -
     log = tmp_path / "trace.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [CARDBRIDGE, "card", "run", "--soft", str(card.path), "--vpcd", VPCD, "--trace"],
+            [CARDBRIDGE, "card", "run", "--soft", card.path, "--vpcd", VPCD, "--trace",
+             "--apdu-timeout", "2.5"],  # fmt: skip
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -81,6 +82,7 @@ def test_run_traces_apdus_without_secrets(card_slot: CardSlot, tmp_path: Path) -
         assert proc.wait(10) == 0
     wait_for(lambda: not card_present(), "the card's removal")
     text = log.read_text()
+    assert "card connected to vpcd at 127.0.0.1:35963 (APDU timeout 2.5 s)" in text
     assert "TRAFFIC" in text and "00 20 00 80 08" in text  # VERIFY was traced...
     pin_hex = PIN.encode().hex(" ")
     assert pin_hex not in text.lower()  # ...without the PIN

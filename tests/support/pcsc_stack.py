@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -117,17 +117,16 @@ class CardSlot:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
 
-    def present(self, card: C) -> C:
+    def present(self, card: C, command: Sequence[str | Path] = ()) -> C:
+        """Run ``card`` (with its ``cardbridge card run``, or ``command``) in the reader."""
         if self.current is card and self._proc is not None and self._proc.poll() is None:
             return card
         self.remove()
         self._log = card.path.with_suffix(".log")
+        argv = command or [CARDBRIDGE, *card.run_args()]
         with self._log.open("wb") as log:
             self._proc = subprocess.Popen(
-                [CARDBRIDGE, *card.run_args()],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=card.run_env(),
+                [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, env=card.run_env()
             )
         self.current = card
 
@@ -160,12 +159,12 @@ class CardSlot:
         """Whether the presented card's process is still running."""
         return self._proc is not None and self._proc.poll() is None
 
-    def log_text(self) -> str:
-        """The running (or last) card process's log."""
+    def log(self) -> str:
+        """What the running (or last) card process wrote."""
         return self._log.read_text(errors="replace") if self._log else ""
 
     def _log_text(self) -> str:
-        return self._log.read_text(errors="replace")[-2000:] if self._log else ""
+        return self.log()[-2000:]
 
 
 def run(

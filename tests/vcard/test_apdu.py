@@ -168,6 +168,39 @@ def test_chain_with_different_header_restarts(host: Host) -> None:
     assert sw == 0x9000 and out == _chuid(host)
 
 
+SELECT_PIV = "00a4040009a00000030800001000"
+
+
+@pytest.mark.parametrize(
+    ("interloper", "sw"),
+    [
+        pytest.param("8020f446", 0x6E00, id="CLA-80"),  # refused before its header is read
+        pytest.param("ffa4040009a00000030800001000", 0x6E00, id="CLA-FF"),
+        pytest.param("0ccb3fff035c017e", 0x6882, id="secure-messaging"),
+        pytest.param("01cb3fff035c017e", 0x6881, id="logical-channel"),
+        pytest.param("db", 0x6700, id="1-byte"),
+        pytest.param("00a4040005a000", 0x6700, id="Lc-too-long"),
+        pytest.param("00c0000000", 0x6985, id="GET-RESPONSE"),  # not the chain's next part
+        pytest.param("00fd000000", 0x9000, id="GET-VERSION"),
+    ],
+)
+def test_any_other_command_ends_a_pending_chain(host: Host, interloper: str, sw: int) -> None:
+    """ISO 7816-4 command chaining: a command that is not the chain's next part ends it,
+    whatever its status word, so a later SELECT is never appended to the stale part."""
+    assert host.raw("10a40400051122334455") == (b"", 0x9000)
+    assert host.raw(interloper)[1] == sw
+    out, sw = host.raw(SELECT_PIV)
+    assert sw == 0x9000 and out[0] == 0x61
+
+
+@pytest.mark.parametrize("interloper", ["8020f446", "db", "0ccb3fff035c017e", "00c0010000"])
+def test_any_other_command_drops_a_pending_response(host: Host, interloper: str) -> None:
+    """A pending 61xx is only for the GET RESPONSE that directly follows it."""
+    assert host.raw("00cb3fff055c035fc10208")[1] >> 8 == 0x61
+    assert host.raw(interloper)[1] != 0x9000
+    assert host.raw("00c0000000") == (b"", 0x6985)
+
+
 def test_redact_hides_pins_and_keys() -> None:
     verify = bytes.fromhex("0020008008") + pad_pin(PIN)
     assert PIN.hex() not in redact(verify).replace(" ", "")

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from vcard.cli import app
+from relay.card_cli import app
 from vcard.constants import KeyType, Slot
 from vcard.errors import NotACard
 from vcard.provision import (
