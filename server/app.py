@@ -3,7 +3,8 @@
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
 ``app.state.hsm``. The session factory lives on ``app.state`` too. Every route goes through the
-one request pipeline of :mod:`server.api.pipeline`.
+one request pipeline of :mod:`server.api.pipeline`; every response carries the request's
+``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
+from server.api.requestid import RequestId
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
 from server.db import make_engine, session_factory
@@ -77,6 +79,7 @@ def create_app(
     app.state.sessions = sessions
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestId)
     for module in (csc, health, auth, piv, admin, audit):
         for router in module.routers:
             app.include_router(router)

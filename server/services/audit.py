@@ -58,6 +58,20 @@ class Event(StrEnum):
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a request was served: the node (``Settings.node_name``) and the request's id (the
+    ``X-Request-Id`` its client received). Audit records of key uses carry both, so that what a
+    client got can be matched with the log of a deployment of several nodes."""
+
+    node: str
+    request: str
+
+    def details(self) -> dict[str, str]:
+        """The audit ``details`` fields that name the origin."""
+        return {"node": self.node, "request": self.request}
+
+
+@dataclass(frozen=True)
 class BadRecord:
     """Where :func:`verify` found the chain broken."""
 
