@@ -55,6 +55,7 @@ class Event(StrEnum):
     CERT_CSR = "admin.cert.csr"
     CERT_IMPORT = "admin.cert.import"
     SERVER_INIT = "server.init"
+    SERVER_JOIN = "server.join"
 
 
 @dataclass(frozen=True)
