@@ -218,6 +218,7 @@ def server_run(
     import uvicorn
 
     from server.app import DATA_DIR_ENV, open_hsm
+    from server.serving import PROTOCOL
 
     settings = Settings.load(data)
     host, port = parse_bind(bind or settings.bind)
@@ -238,6 +239,7 @@ def server_run(
             ssl_certfile=str(settings.tls_cert),
             ssl_keyfile=str(settings.tls_key),
             log_level=log_level,
+            http=PROTOCOL,
             proxy_headers=False,
             server_header=False,
             # The audit log records every security event; a line per request on top of it costs
@@ -247,6 +249,7 @@ def server_run(
             # default of 5 s, a client reusing a connection as the server closes it gets
             # "Server disconnected without sending a response".
             timeout_keep_alive=75,
+            # For requests in flight; idle connections are dropped at once (server.serving).
             timeout_graceful_shutdown=10,
         )
     finally:
