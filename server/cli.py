@@ -126,7 +126,7 @@ def server_init(
 ) -> None:
     """Create (or complete) a data directory: database, HSM token, CA, TLS certificate, admin
     token. Running it again destroys nothing. A database that already holds a deployment is
-    refused: add a node to it with ``server join``."""
+    refused: add a node to it with server join."""
     from server.datadir import init_data_dir
 
     if hsm_module is not None and (token_label is None or hsm_pin_file is None):
@@ -154,7 +154,8 @@ def server_join(
         Path | None,
         typer.Option(
             "--hsm-module",
-            help="PKCS#11 module that reaches the deployment's token, e.g. p11-kit-client.so.",
+            help="PKCS#11 module that reaches the deployment's token, e.g. p11-kit-client.so "
+            "(required, with --hsm-pin-file).",
         ),
     ] = None,
     token_label: TokenLabelOpt = None,
