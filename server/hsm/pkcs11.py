@@ -423,6 +423,8 @@ class Hsm:
 
         :raises HsmUnavailable: busy, unreachable, or ``ref`` is not on the token.
         """
+        if self._closed:
+            raise HsmUnavailable("The HSM handle is closed")
         key_id = bytes.fromhex(ref.key_id)
         template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
         with _Guard(self._shared, timeout) as s:

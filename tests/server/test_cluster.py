@@ -68,11 +68,22 @@ class Cluster:
         """``--hsm-module`` and ``--hsm-pin-file`` for a node that reaches ``hsm``."""
         return ["--hsm-module", P11KIT_CLIENT, "--hsm-pin-file", str((hsm or self.hsm).pin_file)]
 
-    def admin(self, *args: str) -> Any:
-        """``cardbridge admin`` through the load balancer, with node A's admin token."""
+    def admin(self, *args: str, server: str | None = None, input: str | None = None) -> Any:
+        """``cardbridge admin`` through the load balancer (or ``server``), with the deployment's
+        admin token (made by node A's ``server init``)."""
         token = (self.base / "node-a" / "admin-token").read_text().strip()
         ca = self.base / "node-a" / "ca.pem"
-        return cardbridge("admin", "--server", self.lb.url, "--token", token, "--ca", ca, *args)
+        return cardbridge("admin", "--server", server or self.lb.url, "--token", token,
+                          "--ca", ca, *args, input=input)  # fmt: skip
+
+    def enroll(self, name: str, *, through: str) -> dict[str, Any]:
+        """Add and enroll ``name`` through the node called ``through``; ``enroll --json``."""
+        url = self.nodes[through].url
+        self.admin("user", "add", name, "--password-stdin", server=url, input=PASSWORD + "\n")
+        result: dict[str, Any] = json.loads(
+            self.admin("enroll", name, "--alg", "p256", "--json", server=url).stdout
+        )
+        return result
 
     def sign_records(self) -> list[dict[str, Any]]:
         records = json.loads(self.admin("audit", "export", "--json").stdout)
@@ -351,15 +362,19 @@ def test_a_token_without_the_ca_key_can_neither_join_nor_serve(
         other.stop()
 
 
-def test_a_user_enrolled_on_node_a_signs_through_haproxy_on_both_nodes(cluster: Cluster) -> None:
-    enrollment = enroll_user(cluster.nodes["node-a"], "carol", PASSWORD, alg="p256")
+@pytest.mark.parametrize("through", NODES)
+def test_a_user_enrolled_on_one_node_signs_through_haproxy_on_both(
+    cluster: Cluster, through: str
+) -> None:
+    name = f"carol-{through}"
+    enrollment = cluster.enroll(name, through=through)
     cred = credential_for(enrollment, "9c")
     http = cluster.lb.http
-    headers = csc_login(http, "carol")
+    headers = csc_login(http, name)
     key = public_key(http, headers, cred)
     received: dict[str, bytes] = {}
     for i in range(6):
-        d = digest(f"carol {i}")
+        d = digest(f"{name} {i}")
         auth = authorize(http, headers, cred, enrollment["pin"], d)
         assert auth.status_code == 200, auth.text
         signed = sign(http, headers, cred, auth.json()["SAD"], d)

@@ -62,8 +62,10 @@ def _query(sessions: sessionmaker[Session]) -> None:
 
 
 def _lookup_ca_key(hsm: Hsm | None, settings: Settings) -> None:
-    if hsm is None or settings.ca_key_id is None or settings.ca_key_alg is None:
+    if hsm is None:
         raise HsmUnavailable("The HSM is not open")
+    if settings.ca_key_id is None or settings.ca_key_alg is None:
+        raise HsmUnavailable("The data directory names no CA key")
     hsm.check(KeyRef(settings.ca_key_id, KeyAlg(settings.ca_key_alg)), READY_TIMEOUT)
 
 
