@@ -2,8 +2,9 @@
 
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
-``app.state.hsm``. The session factory lives on ``app.state`` too. Every route goes through the
-one request pipeline of :mod:`server.api.pipeline`.
+``app.state.hsm``; a node whose token lacks the deployment's CA key refuses to start. The
+session factory lives on ``app.state`` too. Every route goes through the one request pipeline
+of :mod:`server.api.pipeline`; every response carries the request's ``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,37 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
+from server import ca
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
+from server.api.requestid import RequestId
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
 from server.db import make_engine, session_factory
-from server.hsm import Hsm
+from server.hsm import Hsm, softhsm
+from server.hsm.pkcs11 import quiet_search_finalizers
+from server.services import enrollment
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
 """Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
+
+
+def open_hsm(settings: Settings) -> Hsm:
+    """Open the node's HSM token and check that it holds the deployment's CA key.
+
+    :raises Conflict: the token lacks the CA key (another token, another deployment's
+        directory): the node must not start.
+    """
+    if settings.softhsm_conf is not None:
+        softhsm.use_conf(settings.softhsm_conf)
+    quiet_search_finalizers()
+    hsm = Hsm.open(settings.hsm_module, settings.token_label, settings.hsm_pin())
+    try:
+        ca.require_ca_key(hsm, *enrollment.load_ca(settings))
+    except BaseException:
+        hsm.close()
+        raise
+    return hsm
 
 
 def create_app(
@@ -53,9 +76,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened: Hsm | None = None
         if getattr(app.state, "hsm", None) is None:
-            if resolved.softhsm_conf is not None:
-                os.environ["SOFTHSM2_CONF"] = str(resolved.softhsm_conf)
-            opened = Hsm.open(resolved.hsm_module, resolved.token_label, resolved.hsm_pin())
+            opened = open_hsm(resolved)
             app.state.hsm = opened
         try:
             yield
@@ -77,6 +98,7 @@ def create_app(
     app.state.sessions = sessions
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestId)
     for module in (csc, health, auth, piv, admin, audit):
         for router in module.routers:
             app.include_router(router)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from server.algorithms import KeyAlg
-from server.errors import InvalidRequest
+from server.errors import Conflict, HsmError, InvalidRequest, NotFound
 from server.hsm.keys import HsmPrivateKey, private_key
 from server.hsm.pkcs11 import Hsm, KeyRef, PublicKey
 
@@ -211,6 +211,21 @@ def check_cert_matches(cert: x509.Certificate, public_key: PublicKey) -> None:
     """Refuse a certificate whose public key is not ``public_key`` (``cert import``)."""
     if _spki(cert.public_key()) != _spki(public_key):
         raise InvalidRequest("The certificate does not match the slot's key")
+
+
+def require_ca_key(hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+    """Refuse a token that does not hold the key of ``ca_cert`` as ``ca_ref``: a node on
+    another token would issue nothing and answer every key use with "no such key".
+
+    :raises Conflict: the key is missing, or another key has its id.
+    """
+    try:
+        check_cert_matches(ca_cert, hsm.public_key(ca_ref))
+    except (NotFound, HsmError, InvalidRequest):
+        raise Conflict(
+            f"the HSM token {hsm.token_label!r} does not hold the deployment's CA key "
+            f"{ca_ref.key_id}"
+        ) from None
 
 
 def _spki(key: CertificatePublicKeyTypes) -> bytes:

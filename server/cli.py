@@ -87,6 +87,26 @@ DataOpt = Annotated[
 
 # -- cardbridge server ---------------------------------------------------------------------
 
+TokenLabelOpt = Annotated[
+    str | None, typer.Option("--token-label", help="Label of the PKCS#11 token.")
+]
+HsmPinFileOpt = Annotated[
+    Path | None,
+    typer.Option("--hsm-pin-file", help="File holding the token's user PIN.", dir_okay=False),
+]
+PublicUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--public-url",
+        help="https://HOST[:PORT] that clients use (a load balancer); HOST goes into the TLS "
+        "certificate.",
+    ),
+]
+NodeNameOpt = Annotated[
+    str | None,
+    typer.Option("--node-name", help="This node's name in audit records (default: host name)."),
+]
+
 
 @server_app.command("init")
 def server_init(
@@ -99,18 +119,14 @@ def server_init(
         Path | None,
         typer.Option("--hsm-module", help="PKCS#11 module (default: a SoftHSM2 token in DIR)."),
     ] = None,
-    token_label: Annotated[
-        str | None, typer.Option("--token-label", help="Label of the PKCS#11 token.")
-    ] = None,
-    hsm_pin_file: Annotated[
-        Path | None,
-        typer.Option("--hsm-pin-file", help="File holding the token's user PIN.", dir_okay=False),
-    ] = None,
+    token_label: TokenLabelOpt = None,
+    hsm_pin_file: HsmPinFileOpt = None,
+    public_url: PublicUrlOpt = None,
+    node_name: NodeNameOpt = None,
 ) -> None:
     """Create (or complete) a data directory: database, HSM token, CA, TLS certificate, admin
-    token. Running it again destroys nothing."""
-    from sqlalchemy import make_url
-
+    token. Running it again destroys nothing. A database that already holds a deployment is
+    refused: add a node to it with server join."""
     from server.datadir import init_data_dir
 
     if hsm_module is not None and (token_label is None or hsm_pin_file is None):
@@ -122,12 +138,63 @@ def server_init(
         hsm_module=str(hsm_module) if hsm_module else None,
         token_label=token_label,
         hsm_pin_file=hsm_pin_file,
+        public_url=public_url,
+        node_name=node_name,
     )
-    after = _snapshot(data)
-    created = sorted(after - before)
+    _report(data, settings, before)
+
+
+@server_app.command("join")
+def server_join(
+    data: DataOpt,
+    db: Annotated[
+        str, typer.Option("--db", help="The deployment's database URL, e.g. postgresql://…")
+    ],
+    hsm_module: Annotated[
+        Path | None,
+        typer.Option(
+            "--hsm-module",
+            help="PKCS#11 module that reaches the deployment's token, e.g. p11-kit-client.so "
+            "(required, with --hsm-pin-file).",
+        ),
+    ] = None,
+    token_label: TokenLabelOpt = None,
+    hsm_pin_file: HsmPinFileOpt = None,
+    public_url: PublicUrlOpt = None,
+    node_name: NodeNameOpt = None,
+) -> None:
+    """Add a node to the deployment in the database: check that the token holds its CA key,
+    issue this node's TLS certificate from that CA and write DIR. The token label defaults to
+    the deployment's."""
+    from server.datadir import join_data_dir
+
+    if hsm_module is None or hsm_pin_file is None:
+        raise CliError(
+            "server join needs --hsm-module and --hsm-pin-file: the PKCS#11 module that reaches "
+            "the deployment's HSM token, and the token's PIN"
+        )
+    before = _snapshot(data)
+    settings = join_data_dir(
+        data,
+        db_url=db,
+        hsm_module=str(hsm_module),
+        hsm_pin_file=hsm_pin_file,
+        token_label=token_label,
+        public_url=public_url,
+        node_name=node_name,
+    )
+    _report(data, settings, before)
+
+
+def _report(data: Path, settings: Settings, before: set[str]) -> None:
+    """What ``init`` and ``join`` print: where things are and what was created."""
+    from sqlalchemy import make_url
+
+    created = sorted(_snapshot(data) - before)
     typer.echo(f"data directory: {data}")
     typer.echo(f"database:       {make_url(settings.db_url).render_as_string(hide_password=True)}")
     typer.echo(f"HSM:            {settings.hsm_module} (token {settings.token_label!r})")
+    typer.echo(f"node:           {settings.node_name}")
     if created:
         typer.echo("created:")
         for rel in created:
@@ -151,10 +218,12 @@ def server_run(
     """Serve HTTPS with the TLS certificate from DIR until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    from server.app import DATA_DIR_ENV
+    from server.app import DATA_DIR_ENV, open_hsm
+    from server.serving import PROTOCOL
 
     settings = Settings.load(data)
     host, port = parse_bind(bind or settings.bind)
+    open_hsm(settings).close()  # a token without the deployment's CA key: one line, exit 1
     os.environ[DATA_DIR_ENV] = str(data)  # each worker's create_app() reads it
     url_file = data / SERVER_URL_FILE
     url_file.write_text(local_url(host, port) + "\n")
@@ -171,6 +240,7 @@ def server_run(
             ssl_certfile=str(settings.tls_cert),
             ssl_keyfile=str(settings.tls_key),
             log_level=log_level,
+            http=PROTOCOL,
             proxy_headers=False,
             server_header=False,
             # The audit log records every security event; a line per request on top of it costs
@@ -180,6 +250,7 @@ def server_run(
             # default of 5 s, a client reusing a connection as the server closes it gets
             # "Server disconnected without sending a response".
             timeout_keep_alive=75,
+            # For requests in flight; idle connections are dropped at once (server.serving).
             timeout_graceful_shutdown=10,
         )
     finally:

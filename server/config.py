@@ -1,14 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """Server settings: where the data directory's pieces are and the security policy.
 
-``cardbridge server init --data DIR`` writes ``DIR/server.json``; every other command reads it
-back with :meth:`Settings.load`. Paths in the file are stored as written (absolute by default).
+``cardbridge server init --data DIR`` (or ``server join``) writes ``DIR/server.json``; every
+other command reads it back with :meth:`Settings.load`. Paths in the file, and the file of a
+``sqlite:///`` database URL, are relative to DIR when they lie inside it, so a copied or moved
+data directory uses its own files; absolute paths (files elsewhere, or a file written before
+paths were relative) are kept as they are.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,9 @@ SETTINGS_FILE = "server.json"
 DB_FILE = "cardbridge.db"
 DEFAULT_HSM_LABEL = "cardbridge"
 DEFAULT_BIND = "127.0.0.1:8443"
+_PATHS = ("hsm_pin_file", "tls_cert", "tls_key", "ca_cert", "admin_token_file", "softhsm_conf")
+"""The fields that name files; stored relative to the data directory when inside it."""
+_SQLITE = "sqlite:///"
 
 
 class Policy(BaseModel):
@@ -67,6 +74,10 @@ class Settings(BaseModel):
     admin_token_file: Path
     softhsm_conf: Path | None = None
     """Set when the token is the data directory's own SoftHSM2 token."""
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    """This node's name in the audit records of key uses (default: the host name)."""
+    public_url: str | None = None
+    """The URL clients use (e.g. the load balancer's); its host is in the TLS certificate."""
     policy: Policy = Field(default_factory=Policy)
 
     @model_validator(mode="before")
@@ -78,14 +89,21 @@ class Settings(BaseModel):
         d = Path(raw["data_dir"]).expanduser().resolve()
         defaults: dict[str, object] = {
             "data_dir": d,
-            "db_url": f"sqlite:///{d / DB_FILE}",
-            "hsm_pin_file": d / "hsm-pin",
-            "tls_cert": d / "tls" / "server.pem",
-            "tls_key": d / "tls" / "server.key",
-            "ca_cert": d / "ca.pem",
-            "admin_token_file": d / "admin-token",
+            "db_url": f"{_SQLITE}{DB_FILE}",
+            "hsm_pin_file": "hsm-pin",
+            "tls_cert": "tls/server.pem",
+            "tls_key": "tls/server.key",
+            "ca_cert": "ca.pem",
+            "admin_token_file": "admin-token",
         }
-        return {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}
+        merged = {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}
+        for name in _PATHS:
+            if merged.get(name) is not None:
+                merged[name] = d / Path(merged[name])  # an absolute path stays as it is
+        url = str(merged["db_url"])
+        if url.startswith(_SQLITE) and not url[len(_SQLITE) :].startswith(("/", ":memory:")):
+            merged["db_url"] = f"{_SQLITE}{d / url[len(_SQLITE) :]}"
+        return merged
 
     @classmethod
     def for_data_dir(cls, data_dir: Path | str, **overrides: object) -> Settings:
@@ -104,9 +122,15 @@ class Settings(BaseModel):
         return cls.model_validate(raw)
 
     def save(self) -> Path:
-        """Write ``DIR/server.json`` (mode 0600: it names the HSM PIN file)."""
+        """Write ``DIR/server.json`` (mode 0600: it names the HSM PIN file), with the paths
+        inside DIR relative to it."""
         path = self.data_dir / SETTINGS_FILE
         data = self.model_dump(mode="json", exclude={"data_dir"})
+        for name in _PATHS:
+            if data[name] is not None:
+                data[name] = self._relative(Path(data[name]))
+        if self.db_url.startswith(_SQLITE + "/"):
+            data["db_url"] = _SQLITE + self._relative(Path(self.db_url[len(_SQLITE) :]))
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -114,6 +138,9 @@ class Settings(BaseModel):
             f.write("\n")
         os.replace(tmp, path)
         return path
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.data_dir) if path.is_relative_to(self.data_dir) else path)
 
     def hsm_pin(self) -> str:
         """The HSM user PIN, read from :attr:`hsm_pin_file`."""

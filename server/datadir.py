@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``cardbridge server init``: create (or complete) a data directory without destroying anything.
+"""``cardbridge server init`` and ``server join``: create (or complete) a data directory without
+destroying anything.
 
-Layout of DIR (dirs 0700, secrets 0600)::
+``init`` sets up a deployment: its CA, recorded in the database (:mod:`server.services.deployment`)
+and refused on a database that already holds one. ``join`` adds a node to an existing
+deployment: the data directory of a node that reaches the same database and HSM token.
+
+Layout of DIR (dirs 0700, secrets 0600; a joined node has no admin token and no token of its
+own)::
 
     server.json        settings (server.config.Settings)
     cardbridge.db      SQLite database (unless --db names another)
@@ -16,17 +22,22 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.orm import Session
 
 from server import ca
 from server.config import SETTINGS_FILE, Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
-from server.errors import Conflict, InvalidRequest
+from server.errors import Conflict, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyRef, softhsm
-from server.services import enrollment, tokens
+from server.models import Deployment
+from server.services import deployment, enrollment, tokens
 
 CA_NAME = "cardbridge CA"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -44,11 +55,16 @@ def _mkdir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def _tls_names(bind: str) -> list[str]:
-    host = bind.rpartition(":")[0].strip("[]") or "localhost"
+def _tls_names(bind: str, public_url: str | None) -> list[str]:
+    """The names of a node's TLS certificate: loopback, the bound host, the public URL's host
+    (a load balancer that passes TLS through to the nodes)."""
+    hosts = [bind.rpartition(":")[0].strip("[]") or "localhost"]
+    if public_url is not None:
+        hosts.append(urlsplit(public_url).hostname or "")
     names = list(LOCAL_NAMES)
-    if host not in names and host not in ("0.0.0.0", "::"):  # noqa: S104 -- not bound here
-        names.append(host)
+    for host in hosts:
+        if host not in names and host not in ("0.0.0.0", "::"):  # noqa: S104 -- not bound here
+            names.append(host)
     return names
 
 
@@ -58,19 +74,30 @@ def _settings(
     hsm_module: str | None,
     token_label: str | None,
     hsm_pin_file: Path | None,
+    *,
+    public_url: str | None = None,
+    node_name: str | None = None,
 ) -> Settings:
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InvalidRequest(f"--public-url wants https://HOST[:PORT], got {public_url!r}")
+    asked = {
+        "db_url": db_url,
+        "hsm_module": hsm_module,
+        "token_label": token_label,
+        "public_url": public_url,
+        "node_name": node_name,
+    }
     if (data / SETTINGS_FILE).exists():  # an existing DIR keeps its choices
         settings = Settings.load(data)
-        asked = {"db_url": db_url, "hsm_module": hsm_module, "token_label": token_label}
         for key, value in asked.items():
             if value is not None and value != getattr(settings, key):
                 raise Conflict(f"{data} is already initialised with another {key}")
         return settings
-    overrides: dict[str, object] = {}
-    if db_url:
-        overrides["db_url"] = db_url
-    if token_label:
-        overrides["token_label"] = token_label
+    overrides: dict[str, object] = {
+        k: v for k, v in asked.items() if v is not None and k != "hsm_module"
+    }
     if hsm_module:
         if hsm_pin_file is None or not hsm_pin_file.is_file():
             raise InvalidRequest("--hsm-module needs an existing --hsm-pin-file")
@@ -97,6 +124,23 @@ def _open_hsm(settings: Settings) -> Hsm:
     return Hsm.open(settings.hsm_module, settings.token_label, settings.hsm_pin())
 
 
+@contextmanager
+def _database(db_url: str) -> Iterator[Session]:
+    """One unit of work on ``db_url``, on an engine of its own."""
+    engine = make_engine(db_url)
+    try:
+        with unit_of_work(session_factory(engine)()) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _deployment(db_url: str) -> tuple[Deployment | None, bool]:
+    """The database's deployment row, and whether the database holds a deployment's records."""
+    with _database(db_url) as session:
+        return deployment.find(session), deployment.in_use(session)
+
+
 def init_data_dir(
     data_dir: Path | str,
     *,
@@ -104,41 +148,122 @@ def init_data_dir(
     hsm_module: str | None = None,
     token_label: str | None = None,
     hsm_pin_file: Path | None = None,
+    public_url: str | None = None,
+    node_name: str | None = None,
 ) -> Settings:
-    """Create whatever DIR lacks: settings, database (migrated), HSM token, CA, TLS
-    certificate, admin token. Idempotent: what exists is kept as it is.
+    """Create whatever DIR lacks: settings, database (migrated), HSM token, CA (recorded as the
+    database's deployment), TLS certificate, admin token. Idempotent: what exists is kept as it
+    is.
 
     :param hsm_module: any PKCS#11 module; then ``token_label`` and ``hsm_pin_file`` name an
         existing token. Without it a SoftHSM2 token is created in DIR.
+    :raises Conflict: the database already holds a deployment that is not this DIR's (nothing
+        is written then: ``server join`` adds a node to it).
     """
     data = Path(data_dir).expanduser().resolve()
+    fresh = not data.exists()
+    settings = _settings(
+        data, db_url, hsm_module, token_label, hsm_pin_file,
+        public_url=public_url, node_name=node_name,
+    )  # fmt: skip
     _mkdir(data)
-    settings = _settings(data, db_url, hsm_module, token_label, hsm_pin_file)
-    settings.save()
     migrate(settings.db_url)
+    row, in_use = _deployment(settings.db_url)
+    if (row is None and in_use and settings.ca_key_id is None) or (
+        row is not None and row.ca_key_id != settings.ca_key_id
+    ):
+        if fresh:
+            data.rmdir()
+        raise Conflict(deployment.FORK_REFUSED)
+    settings.save()
     hsm = _open_hsm(settings)
     try:
-        if settings.ca_key_id is None or not settings.ca_cert.exists():
+        if row is not None:  # this DIR set the deployment up
+            ca_ref, ca_cert = deployment.ca_of(row)
+        elif settings.ca_key_id is None or not settings.ca_cert.exists():
             ca_ref, ca_cert = ca.create_ca(hsm, CA_NAME)
-            settings.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-            settings.ca_key_id, settings.ca_key_alg = ca_ref.key_id, str(ca_ref.alg)
-            settings.save()
-        else:
+            _record(settings, hsm, ca_ref, ca_cert)
+        else:  # set up before deployments were recorded
             ca_ref, ca_cert = enrollment.load_ca(settings)
+            _record(settings, hsm, ca_ref, ca_cert)
+        _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
     finally:
         hsm.close()
-    settings.save()
     if not settings.admin_token_file.exists():
         _create_admin_token(settings)
+    return settings
+
+
+def _record(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+    """Record the deployment; a CA key made for a deployment that lost the race is destroyed."""
+    try:
+        with _database(settings.db_url) as session:
+            deployment.record(
+                session, ca_ref, ca_cert, settings.token_label, node=settings.node_name
+            )
+    except Conflict:
+        if settings.ca_key_id != ca_ref.key_id:
+            hsm.destroy_key(ca_ref)
+        raise
+
+
+def _write_ca(settings: Settings, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+    settings.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    settings.ca_key_id, settings.ca_key_alg = ca_ref.key_id, str(ca_ref.alg)
+    settings.save()
+
+
+def join_data_dir(
+    data_dir: Path | str,
+    *,
+    db_url: str,
+    hsm_module: str,
+    hsm_pin_file: Path,
+    token_label: str | None = None,
+    public_url: str | None = None,
+    node_name: str | None = None,
+) -> Settings:
+    """Add a node to the deployment recorded in ``db_url``: check that the token holds the
+    deployment's CA key, then write DIR (settings with relative paths, the CA certificate, this
+    node's own TLS certificate issued by the CA). No token, CA or admin token is created.
+    Idempotent like :func:`init_data_dir`.
+
+    :param token_label: the token's label; by default the deployment's.
+    :raises NotFound: the database holds no deployment (``server init`` first).
+    :raises Conflict: the token lacks the CA key, or DIR belongs to another deployment.
+    """
+    data = Path(data_dir).expanduser().resolve()
+    migrate(db_url)
+    row, _ = _deployment(db_url)
+    if row is None:
+        raise NotFound("the database holds no deployment: set one up with `cardbridge server init`")
+    settings = _settings(
+        data, db_url, hsm_module, token_label or row.token_label, hsm_pin_file,
+        public_url=public_url, node_name=node_name,
+    )  # fmt: skip
+    if settings.ca_key_id not in (None, row.ca_key_id):
+        raise Conflict(f"{data} belongs to another deployment")
+    ca_ref, ca_cert = deployment.ca_of(row)
+    with Hsm.open(settings.hsm_module, settings.token_label, settings.hsm_pin()) as hsm:
+        ca.require_ca_key(hsm, ca_ref, ca_cert)
+        _mkdir(data)
+        first = settings.ca_key_id is None
+        _write_ca(settings, ca_ref, ca_cert)
+        if not (settings.tls_cert.exists() and settings.tls_key.exists()):
+            _issue_tls(settings, hsm, ca_ref, ca_cert)
+    if first:
+        with _database(settings.db_url) as session:
+            deployment.joined(session, row, node=settings.node_name)
     return settings
 
 
 def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
     _mkdir(settings.tls_cert.parent)
     _mkdir(settings.tls_key.parent)
-    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, _tls_names(settings.bind))
+    names = _tls_names(settings.bind, settings.public_url)
+    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, names)
     settings.tls_key.unlink(missing_ok=True)  # a lone key without its certificate is useless
     write_secret(settings.tls_key, key_pem)
     settings.tls_cert.write_bytes(
@@ -148,10 +273,6 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
 
 
 def _create_admin_token(settings: Settings) -> None:
-    engine = make_engine(settings.db_url)
-    try:
-        with unit_of_work(session_factory(engine)()) as session:
-            token = tokens.create_admin_token(session, actor="server-init")
-        write_secret(settings.admin_token_file, (token + "\n").encode())
-    finally:
-        engine.dispose()
+    with _database(settings.db_url) as session:
+        token = tokens.create_admin_token(session, actor="server-init")
+    write_secret(settings.admin_token_file, (token + "\n").encode())

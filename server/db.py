@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
@@ -29,6 +30,8 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ReturnsRows
@@ -36,6 +39,9 @@ from sqlalchemy.sql.expression import ClauseElement, ReturnsRows
 from server.errors import ServerError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+CONNECT_TIMEOUT = 5
+"""Seconds a new PostgreSQL connection may take (libpq ``connect_timeout``) unless the URL sets
+its own: a request fails as unavailable instead of hanging on an unreachable server."""
 
 
 def normalize_url(url: str) -> str:
@@ -59,7 +65,8 @@ def make_engine(url: str) -> Engine:
     queue of :class:`WriterLock`.
 
     Only PostgreSQL connections are pinged when taken from the pool (a server restart drops
-    them); a SQLite file connection cannot go stale, so it skips the extra statement.
+    them, and the ping replaces them, so the first request after a restart succeeds); a SQLite
+    file connection cannot go stale, so it skips the extra statement.
     """
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
@@ -69,7 +76,25 @@ def make_engine(url: str) -> Engine:
         if database and database != ":memory:":
             WriterLock(f"{database}-writer.lock").install(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    given = "connect_timeout" in make_url(url).query
+    connect_args = {} if given else {"connect_timeout": CONNECT_TIMEOUT}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args
+    )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the database cannot be reached now: down, restarting, a
+    dropped connection, no free pooled connection. The same request may succeed later.
+
+    ``exc`` is SQLAlchemy's (sessions, the pool) or psycopg's own (:func:`runner` raises the
+    driver's errors).
+    """
+    if isinstance(exc, PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or (exc.orig is not None and unavailable(exc.orig))
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

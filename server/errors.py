@@ -82,6 +82,20 @@ class HsmError(ServerError):
     status = 502
 
 
+class Unavailable(ServerError):
+    """Something the request needs (the database, the HSM) cannot be reached now; the same
+    request may succeed after ``retry_after`` seconds (HTTP 503 with ``Retry-After``)."""
+
+    code = "temporarily_unavailable"
+    status = 503
+    retry_after = 3
+
+
+class HsmUnavailable(Unavailable):
+    """The HSM cannot be reached or lost the session (a restarted network HSM, a removed
+    device); the next operation logs in again."""
+
+
 class PinIncorrect(ServerError):
     """A wrong PIN; ``retries`` tries are left (the card answers 63Cx)."""
 

@@ -215,3 +215,20 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     last_seq: Mapped[int] = mapped_column(BigInteger)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class Deployment(Base):
+    """The deployment that every node on this database belongs to (one row, ``id`` 1): its CA,
+    whose key lives on the HSM token all nodes reach. ``server init`` records it; ``server
+    join`` reads it, and ``server init`` on a database that has it refuses to fork it."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    ca_key_id: Mapped[str] = mapped_column(String(128))
+    """Hex CKA_ID of the CA key in the HSM."""
+    ca_key_alg: Mapped[str] = mapped_column(String(16))
+    ca_cert_pem: Mapped[str] = mapped_column(Text)
+    token_label: Mapped[str] = mapped_column(String(64))
+    """Label of the HSM token that holds the CA key and every user key."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,10 +13,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from server.api.requestid import request_id
 from server.config import Settings
 from server.errors import HsmError
 from server.hsm import Hsm
-from server.services import dpop
+from server.services import audit, dpop
 
 
 async def get_db(request: Request) -> Session:
@@ -39,9 +40,16 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_origin(request: Request) -> audit.Origin:
+    """This node's name and the request's id, for the audit records of key uses."""
+    settings: Settings = request.app.state.settings
+    return audit.Origin(settings.node_name, request_id(request))
+
+
 SessionDep = Annotated[Session, Depends(get_db)]
 HsmDep = Annotated[Hsm, Depends(get_hsm)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+OriginDep = Annotated[audit.Origin, Depends(get_origin)]
 
 
 def proof_key(session: Session, request: Request, *, required: bool) -> str | None:

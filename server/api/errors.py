@@ -2,8 +2,10 @@
 
 Domain errors (``server.errors.ServerError``) carry their own stable code and status; request
 validation failures are ``400 invalid_request`` (CSC v2 §10); unknown routes and methods keep
-their HTTP status; anything unexpected is logged and answered ``500 server_error`` without
-details.
+their HTTP status. A database or HSM that cannot be reached (PostgreSQL down or restarting, a
+restarted network HSM) is ``503 temporarily_unavailable`` with ``Retry-After``, logged as one
+line with the request's id; anything else unexpected is logged with its traceback and answered
+``500 server_error`` without details.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import PinIncorrect, ServerError
+from server import db
+from server.api.requestid import HEADER, request_id
+from server.errors import PinIncorrect, ServerError, Unavailable
 from server.schemas import ErrorResponse
 from server.services.dpop import ALGORITHMS
 
@@ -32,6 +39,8 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
 }
 
+_CHALLENGE = f'DPoP algs="{" ".join(ALGORITHMS)}", Bearer'
+
 
 def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """A router's OpenAPI ``responses``: ``statuses`` answered with the error body."""
@@ -39,25 +48,36 @@ def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def error_response(
-    status: int, code: str, description: str, *, retries: int | None = None
+    status: int,
+    code: str,
+    description: str,
+    *,
+    retries: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """Build the error body; 401 responses also name the schemes (RFC 6750 §3, RFC 9449 §7.1)."""
-    headers = (
-        {"WWW-Authenticate": f'DPoP algs="{" ".join(ALGORITHMS)}", Bearer'}
-        if status == 401
-        else None
-    )
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": _CHALLENGE}
     body: dict[str, Any] = {"error": code, "error_description": description}
     if retries is not None:
         body["retries"] = retries
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _unavailable(request: Request, exc: Unavailable, cause: str) -> JSONResponse:
+    """503 with ``Retry-After``, logged as one line (an outage is expected, not a bug)."""
+    log.warning("%s [request %s]: %s", exc.code, request_id(request), cause)
+    headers = {"Retry-After": str(exc.retry_after)}
+    return error_response(exc.status, exc.code, exc.description, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handler table on ``app``."""
 
     @app.exception_handler(ServerError)
-    def server_error(_: Request, exc: ServerError) -> JSONResponse:
+    def server_error(request: Request, exc: ServerError) -> JSONResponse:
+        if isinstance(exc, Unavailable):
+            return _unavailable(request, exc, exc.description)
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.description)
         retries = exc.retries if isinstance(exc, PinIncorrect) else None
@@ -78,6 +98,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error", exc_info=exc)
-        return error_response(500, "server_error", "internal error")
+    def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error [request %s]", request_id(request), exc_info=exc)
+        # This answer bypasses the RequestId middleware (Starlette sends it from outside).
+        headers = {HEADER: request_id(request)}
+        return error_response(500, "server_error", "internal error", headers=headers)
+
+    def database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not db.unavailable(exc):
+            return unexpected(request, exc)
+        cause = str(getattr(exc, "orig", None) or exc).strip().partition("\n")[0]
+        down = Unavailable("The database is unavailable; retry later")
+        return _unavailable(request, down, f"database: {cause}")
+
+    # Registered by class, so that Starlette's ExceptionMiddleware answers them: what only the
+    # catch-all above answers is re-raised to uvicorn, which logs its traceback once more.
+    for db_error in (DBAPIError, PoolTimeout, psycopg.Error):
+        app.add_exception_handler(db_error, database_error)

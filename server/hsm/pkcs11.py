@@ -13,6 +13,12 @@ moment gets CKR_GENERAL_ERROR. :meth:`Hsm.open` therefore logs in under an exclu
 next to ``SOFTHSM2_CONF`` (several ``server run`` workers start together) and retries an open
 that still fails with CKR_GENERAL_ERROR a few times (a writer that takes no lock).
 
+A network HSM (``p11-kit server`` in front of a token, or a vendor's appliance) can restart
+under a running server: every session then fails, and a restarted p11-kit server also refuses
+new ones until the module is finalised and initialised again (field-notes.md). Such errors
+become :class:`~server.errors.HsmUnavailable` (503), and the next operation logs in again,
+reinitialising the module when a plain login fails; no server restart is needed.
+
 This module is the one place where ``PKCS11Error`` becomes a :mod:`server.errors` error.
 """
 
@@ -24,6 +30,7 @@ import hmac
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +51,7 @@ from server.errors import (
     Conflict,
     Forbidden,
     HsmError,
+    HsmUnavailable,
     InvalidRequest,
     NotFound,
     ServerError,
@@ -84,9 +92,26 @@ class KeyRef:
     alg: KeyAlg
 
 
+# Errors after which the session is gone or the device unreachable (a network HSM restarted, a
+# session closed or logged out, a device removed): the operation fails as unavailable and the
+# next one logs in again (:meth:`_SharedSession.reopen`).
+_SESSION_LOST: Final[tuple[type[p11e.PKCS11Error], ...]] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.UserNotLoggedIn,
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.SlotIDInvalid,
+)
+
+
 def _translate(e: p11e.PKCS11Error) -> ServerError:
     """The server error for a PKCS#11 error (the only place this mapping happens)."""
     name = type(e).__name__
+    if isinstance(e, _SESSION_LOST) or isinstance(e, p11e.NoSuchToken):
+        return HsmUnavailable(f"The HSM is unavailable [{name}]")
     if isinstance(e, _CLIENT_ERRORS):
         return InvalidRequest(f"The HSM refused the input [{name}]")
     if isinstance(e, p11e.NoSuchKey):
@@ -103,14 +128,37 @@ def _translated() -> Iterator[None]:
         raise _translate(e) from e
 
 
-# Errors after which the session is gone (network HSM restarted, session closed, logged out).
-_SESSION_LOST: Final[tuple[type[p11e.PKCS11Error], ...]] = (
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.UserNotLoggedIn,
-    p11e.DeviceRemoved,
-    p11e.TokenNotPresent,
-)
+def quiet_search_finalizers() -> None:
+    """Log at debug level, instead of printing a traceback, the PKCS#11 errors that
+    python-pkcs11's finalizers raise. Idempotent; process-wide hooks, for server processes.
+
+    When C_FindObjectsInit fails (the device is gone), python-pkcs11 leaves its search marked
+    active, and the search's finalizer calls C_FindObjectsFinal, which fails again: Cython
+    prints that error through ``sys.excepthook`` and reports it to ``sys.unraisablehook``. The
+    operation that failed has already been answered (503); the second error says nothing new.
+    PKCS#11 errors never reach the top level otherwise (this module translates them all).
+    """
+    if getattr(sys.unraisablehook, "__quiet_pkcs11__", False):
+        return
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(report: Any) -> None:
+        if not _ignored(report.exc_value):
+            previous_unraisable(report)
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _ignored(value):
+            previous_except(kind, value, tb)
+
+    unraisable.__quiet_pkcs11__ = True  # type: ignore[attr-defined]
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+def _ignored(error: BaseException | None) -> bool:
+    if isinstance(error, p11e.PKCS11Error):
+        log.debug("PKCS#11 error in a finalizer ignored [%s]", type(error).__name__)
+        return True
+    return False
 
 
 def _login(token: Any, pin: str) -> Any:
@@ -122,6 +170,10 @@ def _login(token: Any, pin: str) -> Any:
         return token.open(rw=True)
 
 
+LOCK_TIMEOUT: Final = 30.0
+"""Seconds an operation waits for the module lock before it answers unavailable: a hung
+network HSM holds the lock in its call, and requests must not queue behind it forever (an
+RSA-4096 key generation in SoftHSM2 holds it for seconds)."""
 OPEN_ATTEMPTS: Final = 5
 """Tries of :meth:`Hsm.open` when the module answers CKR_GENERAL_ERROR (a concurrent writer)."""
 _OPEN_BACKOFF: Final = 0.05
@@ -160,8 +212,19 @@ class _SharedSession:
     """
 
     def __init__(
-        self, token: Any, session: Any, pin: str, conf: str | None, lock: threading.Lock
+        self,
+        lib: Any,
+        module_path: str,
+        label: str,
+        token: Any,
+        session: Any,
+        pin: str,
+        conf: str | None,
+        lock: threading.Lock,
     ) -> None:
+        self.lib = lib
+        self.module_path = module_path
+        self.label = label
         self.token = token
         self.pin = pin
         self.conf = conf
@@ -174,16 +237,34 @@ class _SharedSession:
         self.public: dict[str, PublicKey] = {}
 
     def reopen(self) -> None:
-        """Log in on a fresh session; call with the lock held."""
+        """Log in on a fresh session; call with the lock held.
+
+        When the token opens none (a restarted p11-kit server answers DeviceError or
+        SlotIDInvalid until its clients reinitialise), the module is finalised and initialised
+        again, which ends every session of this process on it: those are marked stale too.
+        """
         try:
             self.session.close()
         except p11e.PKCS11Error:
             log.debug("closing the lost HSM session failed", exc_info=True)
         self.private.clear()
-        with _token_files_lock(self.conf):
-            self.session = _login(self.token, self.pin)
+        try:
+            self._login()
+        except p11e.PKCS11Error as e:
+            name = type(e).__name__
+            log.warning("the HSM opened no session [%s]; reinitialising the module", name)
+            self.lib.reinitialize()
+            for other in list(_sessions.values()):
+                if other.module_path == self.module_path:
+                    other.stale = True
+            self._login()
         self.stale = False
         log.warning("the HSM session was lost; logged in again")
+
+    def _login(self) -> None:
+        self.token = self.lib.get_token(token_label=self.label)
+        with _token_files_lock(self.conf):
+            self.session = _login(self.token, self.pin)
 
 
 class HsmClock:
@@ -217,14 +298,16 @@ class _Guard:
     A class rather than a generator context manager: it runs on every signature.
     """
 
-    __slots__ = ("_shared",)
+    __slots__ = ("_shared", "_timeout")
 
-    def __init__(self, shared: _SharedSession) -> None:
+    def __init__(self, shared: _SharedSession, timeout: float = LOCK_TIMEOUT) -> None:
         self._shared = shared
+        self._timeout = timeout
 
     def __enter__(self) -> Any:
         shared = self._shared
-        shared.lock.acquire()
+        if not shared.lock.acquire(timeout=self._timeout):
+            raise HsmUnavailable(f"The HSM is busy: no answer within {self._timeout:g} s")
         if shared.stale:
             try:
                 shared.reopen()
@@ -306,7 +389,10 @@ class Hsm:
                 with _token_files_lock(conf):
                     lib = pkcs11.lib(module_path)
                     token = cls._find_token(lib, module_path, conf, token_label)
-                    return _SharedSession(token, _login(token, pin), pin, conf, lock)
+                    session = _login(token, pin)
+                    return _SharedSession(
+                        lib, module_path, token_label, token, session, pin, conf, lock
+                    )
             except p11e.GeneralError:
                 if attempt == OPEN_ATTEMPTS:
                     raise
@@ -360,6 +446,21 @@ class Hsm:
         if self._closed:
             raise HsmError("HSM handle is closed")
         return self._guard
+
+    def check(self, ref: KeyRef, timeout: float) -> None:
+        """Readiness: within ``timeout`` seconds of waiting for the lock, the token answers one
+        object lookup and holds the public half of ``ref`` (a lost session is replaced first).
+
+        :raises HsmUnavailable: busy, unreachable, or ``ref`` is not on the token.
+        """
+        if self._closed:
+            raise HsmUnavailable("The HSM handle is closed")
+        key_id = bytes.fromhex(ref.key_id)
+        template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
+        with _Guard(self._shared, timeout) as s:
+            found = list(s.get_objects(template))
+        if not found:
+            raise HsmUnavailable(f"The HSM token lacks key {ref.key_id}")
 
     # -- keys -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from server.errors import HsmError
 
 SOFTHSM_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
 SOFTHSM_UTIL: Final = "softhsm2-util"
+_TOKENDIR: Final = "directories.tokendir"
 
 
 def softhsm_conf(data_dir: Path | str) -> Path:
@@ -20,12 +21,28 @@ def softhsm_conf(data_dir: Path | str) -> Path:
     return Path(data_dir) / "softhsm2.conf"
 
 
+def use_conf(conf: Path) -> None:
+    """Point ``SOFTHSM2_CONF`` of this process at a data directory's SoftHSM2 configuration
+    (SoftHSM2 reads it when the module is initialised, see :meth:`server.hsm.Hsm.open`), and
+    that configuration at the ``tokens/`` beside it: its line is rewritten when the data
+    directory was copied or moved (SoftHSM2 takes no path relative to the file)."""
+    tokendir = f"{_TOKENDIR} = {(conf.parent / 'tokens').resolve()}"
+    lines = conf.read_text().splitlines()
+    if tokendir not in lines:
+        kept = [line for line in lines if not line.startswith(_TOKENDIR)]
+        tmp = conf.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join([tokendir, *kept]) + "\n")
+        os.replace(tmp, conf)
+    os.environ["SOFTHSM2_CONF"] = str(conf.resolve())
+
+
 def init_token(data_dir: Path | str, label: str, so_pin: str, pin: str) -> str:
     """Create ``DIR/softhsm2.conf`` and ``DIR/tokens/`` and a token labelled ``label``.
 
-    Points ``SOFTHSM2_CONF`` of this process at the file (SoftHSM2 reads it when the module
-    is initialised, see :meth:`server.hsm.Hsm.open`). Idempotent: an existing token with
-    that label is kept as it is. Returns the module path to open.
+    Points ``SOFTHSM2_CONF`` of this process at the file (:func:`use_conf`). Idempotent: an
+    existing token with that label is kept as it is. Returns the module path to open.
 
     softhsm2-util only takes PINs as arguments or from a terminal, so they appear briefly
     in this machine's process list while the token is created.
@@ -37,14 +54,9 @@ def init_token(data_dir: Path | str, label: str, so_pin: str, pin: str) -> str:
     tokens.mkdir(mode=0o700, parents=True, exist_ok=True)
     conf = softhsm_conf(data)
     if not conf.exists():
-        conf.write_text(
-            f"directories.tokendir = {tokens.resolve()}\n"
-            "objectstore.backend = file\n"
-            "log.level = ERROR\n"
-            "slots.removable = false\n"
-        )
+        conf.write_text("objectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n")
         conf.chmod(0o600)
-    os.environ["SOFTHSM2_CONF"] = str(conf.resolve())
+    use_conf(conf)
     if label not in _token_labels():
         _util("--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", pin)
     return SOFTHSM_MODULE

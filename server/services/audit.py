@@ -55,6 +55,21 @@ class Event(StrEnum):
     CERT_CSR = "admin.cert.csr"
     CERT_IMPORT = "admin.cert.import"
     SERVER_INIT = "server.init"
+    SERVER_JOIN = "server.join"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request was served: the node (``Settings.node_name``) and the request's id (the
+    ``X-Request-Id`` its client received). Audit records of key uses carry both, so that what a
+    client got can be matched with the log of a deployment of several nodes."""
+
+    node: str
+    request: str
+
+    def details(self) -> dict[str, str]:
+        """The audit ``details`` fields that name the origin."""
+        return {"node": self.node, "request": self.request}
 
 
 @dataclass(frozen=True)

@@ -215,10 +215,12 @@ def sign_hash(
     hash_oid: str | None,
     sign_algo_oid: str,
     sign_algo_params: str | None,
+    origin: audit.Origin,
 ) -> list[bytes]:
     """signatures/signHash: check the SAD covers ``hashes``, sign each digest in the HSM, then
     spend the SAD and audit the signatures in the request's transaction; the signatures come
-    back in input order (RSA raw, ECDSA DER).
+    back in input order (RSA raw, ECDSA DER). The audit record names the SAD, the digests and
+    ``origin`` (node and request id).
 
     The HSM signs before anything is written: when it fails nothing is spent and nothing is
     audited, and of two concurrent spends of one SAD the loser's signatures are discarded.
@@ -256,6 +258,7 @@ def sign_hash(
             "hash_oid": plan.hash.oid,
             "sad": sad_id,
             "digests": [base64.b64encode(d).decode() for d in hashes],
+            **origin.details(),
         },
     )
     return signatures

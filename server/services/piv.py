@@ -77,6 +77,7 @@ def operation(
     op: KeyOp,
     data: bytes,
     *,
+    origin: audit.Origin,
     otp: str | None = None,
 ) -> bytes:
     """Run one PIV key operation (GENERAL AUTHENTICATE, SP 800-73-4 Pt 2 §3.2.4).
@@ -89,6 +90,7 @@ def operation(
     - ``eddsa``: ``data`` is the whole message (RFC 8032).
     - ``ecdh`` (9D only): ``data`` is the peer's uncompressed point; the shared secret out.
 
+    :param origin: node and request id, named by the audit record.
     :param otp: the fresh one-time password a credential with ``otp_per_signature`` needs.
     :raises PaddingRejected: a block rule 3 refuses. :raises PinRequired: PIN policy unmet.
     :raises InvalidOtp: the credential's OTP policy unmet.
@@ -98,7 +100,7 @@ def operation(
     cred = keyuse.key_use(session, _user_id(principal), credential_id)
     keyuse.require_op(cred, op)
     keyuse.refuse_blocked_pin(cred)
-    details = {"slot": cred.slot, "op": str(op)}
+    details = {"slot": cred.slot, "op": str(op), **origin.details()}
     try:
         details |= _check_input(cred, op, data)
         if cred.slot != "9e":

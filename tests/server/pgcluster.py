@@ -54,16 +54,24 @@ class PgCluster:
             str(PG_BIN / "initdb"), "-D", str(self.data), "-U", PG_USER, "-A", "trust",
             "-E", "UTF8", "--no-sync",
         )
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start the (initialised) server; waits until it accepts connections."""
         opts = f"-c listen_addresses='' -k {self.base} -p {self.port} -c fsync=off"
         self._run(
             str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log"),
             "-w", "-o", opts, "start",
         )
 
+    def stop_server(self) -> None:
+        """Stop the server (fast mode: sessions are ended), keeping its files."""
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
     def stop(self) -> None:
-        """Stop the server (fast mode) and delete its files."""
+        """Stop the server and delete its files."""
         try:
-            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.stop_server()
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 

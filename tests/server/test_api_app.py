@@ -1,14 +1,20 @@
-"""The app as a whole: the OpenAPI document, health, and the error format of requests that
-never reach a handler (unknown paths, wrong methods, malformed JSON)."""
+"""The app as a whole: the OpenAPI document, health and readiness, request ids, the error
+format of requests that never reach a handler (unknown paths, wrong methods, malformed JSON),
+and 503 answers while the database is down."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 
 import pytest
 from apikit import Api, api_db_url_fixture, api_fixture  # noqa: F401
+from fastapi.testclient import TestClient
 
 from server.api.limits import MAX_BODY
+from server.app import create_app
+from server.db import make_engine, session_factory
 
 
 def test_openapi_documents_every_api_and_only_400_for_bad_input(api: Api) -> None:
@@ -34,6 +40,56 @@ def test_openapi_documents_every_api_and_only_400_for_bad_input(api: Api) -> Non
 
 def test_health(api: Api) -> None:
     assert api.client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_ready_when_the_database_and_the_hsm_answer(api: Api) -> None:
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nowhere", "/api/v1/admin/users"])
+def test_every_response_carries_a_request_id(api: Api, path: str) -> None:
+    first, second = api.client.get(path), api.client.get(path)
+    ids = [r.headers["X-Request-Id"] for r in (first, second)]
+    assert all(re.fullmatch("[0-9a-f]{24}", i) for i in ids) and ids[0] != ids[1]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("lb-1234.abc:def_9", True), ("x" * 64, True), ("x" * 65, False), ("a b", False),
+     ("<script>", False), ("", False)],
+)  # fmt: skip
+def test_an_incoming_request_id_is_kept_only_when_sane(api: Api, sent: str, kept: bool) -> None:
+    got = api.client.get("/healthz", headers={"X-Request-Id": sent}).headers["X-Request-Id"]
+    assert (got == sent) is kept
+    assert kept or re.fullmatch("[0-9a-f]{24}", got)
+
+
+def test_a_database_that_is_down_is_503_with_retry_after_and_one_log_line(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request that needs the database answers 503; the log has one line each."""
+    down = make_engine("postgresql://nobody@/cardbridge?host=/nonexistent&port=1")
+    app = create_app(api.settings, hsm=api.client.app.state.hsm,  # type: ignore[attr-defined]
+                     sessions=session_factory(down))  # fmt: skip
+    caplog.set_level(logging.INFO)
+    with TestClient(app) as client:
+        answers = [
+            client.get("/readyz"),
+            client.post("/csc/v1/auth/login", json={}, auth=("someone", "password")),
+            client.get("/api/v1/admin/users", headers=api.admin),
+        ]
+    down.dispose()
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "temporarily_unavailable"
+        assert r.headers["Retry-After"] == "3"
+    lines = [rec for rec in caplog.records if rec.name.startswith("server.")]
+    assert len(lines) == len(answers)
+    for rec, r in zip(lines, answers, strict=True):
+        assert rec.levelno == logging.WARNING and rec.exc_info is None
+        assert r.headers["X-Request-Id"] in rec.getMessage()
+        assert "database" in rec.getMessage()
 
 
 @pytest.mark.parametrize(
@@ -130,7 +186,7 @@ def test_public_routes_are_exactly_these(api: Api) -> None:
         if not op.get("security")
     }
     assert public == {
-        ("POST", "/csc/v1/info"), ("POST", "/csc/v2/info"), ("GET", "/healthz"),
+        ("POST", "/csc/v1/info"), ("POST", "/csc/v2/info"), ("GET", "/healthz"), ("GET", "/readyz"),
         ("POST", "/api/v1/auth/login"), ("POST", "/api/v1/auth/refresh"),
         ("POST", "/api/v1/devices/enroll"), ("GET", "/api/v1/ca"),
     }

@@ -375,7 +375,8 @@ def test_every_key_use_is_audited(api: Api) -> None:
     user = api.user(alg="rsa2048")
     api.login(user)
     api.verify_pin(user)
-    result(op(api, user, "9a", "rsa-raw", "block", pkcs1_block(b"audited")))
+    signed = op(api, user, "9a", "rsa-raw", "block", pkcs1_block(b"audited"))
+    result(signed)
     public = certs(api, user)["9d"].public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     result(op(api, user, "9d", "decrypt", "block", public.encrypt(b"k", padding.PKCS1v15())))
@@ -388,8 +389,11 @@ def test_every_key_use_is_audited(api: Api) -> None:
     assert ("sign", f"credential:{user.credentials['9a']}") in events
     assert ("decrypt", f"credential:{user.credentials['9d']}") in events
     sign_rec = next(rec for rec in mine if rec["event"] == "sign")
+    # The record names the node and the request whose X-Request-Id the client received.
+    request_id = signed.headers["X-Request-Id"]  # type: ignore[attr-defined]
     assert sign_rec["details"] == {"slot": "9a", "op": "rsa-raw", "scheme": "pkcs1v15",
-                                   "hash": "sha256",
+                                   "hash": "sha256", "node": api.settings.node_name,
+                                   "request": request_id,
                                    "digest": b64(hashlib.sha256(b"audited").digest())}
     refused = next(rec for rec in mine if rec["event"] == "key.refused")
     assert refused["subject"] == f"credential:{user.credentials['9a']}"

@@ -20,7 +20,7 @@ from hsm_fixtures import HsmToken
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from server.errors import Conflict, Forbidden, HsmError, InvalidRequest, NotFound
+from server.errors import Conflict, Forbidden, HsmError, HsmUnavailable, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyAlg, KeyRef
 from server.padding import check_decrypted_block
 
@@ -299,7 +299,7 @@ def test_a_token_in_another_directory_is_never_opened_by_mistake(
 def test_a_lost_session_is_replaced_on_the_next_operation(hsm: Hsm, p256_ref: KeyRef) -> None:
     # Close the shared session behind the handle's back, as a restarted network HSM would.
     hsm._shared.session.close()
-    with pytest.raises(HsmError, match="SessionHandleInvalid"):
+    with pytest.raises(HsmUnavailable, match="SessionHandleInvalid"):
         hsm.sign_digest(p256_ref, bytes(32), "sha256")
     sig = hsm.sign_digest(p256_ref, bytes(32), "sha256")
     pub = hsm.public_key(p256_ref)

@@ -21,6 +21,7 @@ import pyotp
 import pytest
 from asn1crypto import x509 as asn1_x509
 from live_server import (
+    HttpsEndpoint,
     LiveServer,
     ca_context,
     credential_for,
@@ -93,7 +94,7 @@ def tiny_pdf() -> bytes:
     return out.getvalue()
 
 
-def csc_login(server: LiveServer, user: str) -> str:
+def csc_login(server: HttpsEndpoint, user: str) -> str:
     """``/csc/v1/auth/login`` with HTTP Basic -> the access token."""
     resp = server.http.post("/csc/v1/auth/login", json={}, auth=httpx.BasicAuth(user, PASSWORD))
     assert resp.status_code == 200, resp.text
@@ -103,7 +104,11 @@ def csc_login(server: LiveServer, user: str) -> str:
 
 
 async def sign_and_validate(
-    server: LiveServer, enrollment: dict[str, Any], *, prefer_pss: bool
+    server: HttpsEndpoint,
+    enrollment: dict[str, Any],
+    *,
+    prefer_pss: bool,
+    connection_per_request: bool = False,
 ) -> tuple[Any, PinOtpAuthorizationManager, bytes]:
     user = enrollment["user"]
     info = CSCServiceSessionInfo(
@@ -112,7 +117,9 @@ async def sign_and_validate(
         oauth_token=csc_login(server, user),
         api_ver="v1",
     )
-    connector = aiohttp.TCPConnector(ssl=ca_context(server.data))
+    connector = aiohttp.TCPConnector(
+        ssl=ca_context(server.data), force_close=connection_per_request
+    )
     async with aiohttp.ClientSession(connector=connector) as http:
         cred_info = await fetch_certs_in_csc_credential(http, info)
         auth = PinOtpAuthorizationManager(

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``server init``'s data directory: layout, modes, and re-running destroys nothing.
+"""``server init``'s and ``server join``'s data directory: layout, modes, paths relative to
+it, re-running destroys nothing, and a database holds one deployment.
 
 SoftHSM2 reads SOFTHSM2_CONF once per process, so each init runs in a fresh interpreter (as
 the CLI does) instead of inside the test process, which already uses the shared test token.
@@ -8,6 +9,10 @@ the CLI does) instead of inside the test process, which already uses the shared 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,16 +22,17 @@ import pytest
 from cryptography import x509
 
 from server.config import Settings
-from server.db import make_engine, session_factory
+from server.db import make_engine, migrate, session_factory, unit_of_work
+from server.hsm.softhsm import SOFTHSM_MODULE
 from server.services import audit, tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
 
-def init(data: Path, *args: str) -> None:
+def _run(function: str, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
     code = (
-        "import sys; from server.datadir import init_data_dir; "
-        f"init_data_dir(sys.argv[1]{''.join(', ' + a for a in args)})"
+        f"import sys; from pathlib import Path; from server.datadir import {function}; "
+        f"{function}(sys.argv[1]{''.join(', ' + a for a in args)})"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(data)],
@@ -34,8 +40,13 @@ def init(data: Path, *args: str) -> None:
         text=True,
         timeout=180,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def init(data: Path, *args: str) -> None:
+    _run("init_data_dir", data, *args)
 
 
 def snapshot(data: Path) -> dict[str, str]:
@@ -95,3 +106,99 @@ def test_init_creates_everything_once(tmp_path: Path) -> None:
     assert after["ca.pem"] == before["ca.pem"] and after["hsm-pin"] == before["hsm-pin"]
     assert after["admin-token"] != before["admin-token"]
     assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
+
+
+def test_settings_store_paths_relative_to_the_data_directory(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    Settings.for_data_dir(data, hsm_pin_file="/etc/cardbridge/hsm-pin",
+                          softhsm_conf=data / "softhsm2.conf").save()  # fmt: skip
+    raw = json.loads((data / "server.json").read_text())
+    assert raw["db_url"] == "sqlite:///cardbridge.db"
+    assert (raw["tls_cert"], raw["tls_key"], raw["ca_cert"], raw["admin_token_file"]) == (
+        "tls/server.pem", "tls/server.key", "ca.pem", "admin-token"
+    )  # fmt: skip
+    assert raw["softhsm_conf"] == "softhsm2.conf"
+    assert raw["hsm_pin_file"] == "/etc/cardbridge/hsm-pin"  # outside: kept absolute
+    assert raw["node_name"] == socket.gethostname()
+
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    settings = Settings.load(moved)
+    here = moved.resolve()
+    assert settings.db_url == f"sqlite:///{here / 'cardbridge.db'}"
+    assert settings.tls_key == here / "tls" / "server.key"
+    assert settings.softhsm_conf == here / "softhsm2.conf"
+    assert settings.hsm_pin_file == Path("/etc/cardbridge/hsm-pin")
+
+
+def test_settings_written_with_absolute_paths_still_load(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "server.json").write_text(json.dumps({
+        "db_url": f"sqlite:///{old / 'cardbridge.db'}", "hsm_pin_file": str(old / "hsm-pin"),
+        "tls_cert": str(old / "tls/server.pem"), "tls_key": str(old / "tls/server.key"),
+        "ca_cert": str(old / "ca.pem"), "admin_token_file": str(old / "admin-token"),
+    }))  # fmt: skip
+    settings = Settings.load(old)
+    assert settings.ca_cert == old / "ca.pem" and settings.db_url.endswith(f"{old}/cardbridge.db")
+    settings.save()  # what server init does on an old directory: the paths become relative
+    raw = json.loads((old / "server.json").read_text())
+    assert raw["ca_cert"] == "ca.pem" and raw["db_url"] == "sqlite:///cardbridge.db"
+
+
+def test_init_refuses_a_database_in_use_without_a_recorded_deployment(tmp_path: Path) -> None:
+    """A deployment set up before deployments were recorded: its audit log is not empty."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    with unit_of_work(session_factory(engine)()) as s:
+        tokens.create_admin_token(s)
+    engine.dispose()
+    with pytest.raises(AssertionError, match="cardbridge server join"):
+        init(tmp_path / "new", f"db_url={url!r}")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.hsm
+def test_a_database_holds_one_deployment_and_join_adds_nodes_to_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = tmp_path / "a", tmp_path / "b"
+    init(a, f"db_url={url!r}")
+    with pytest.raises(AssertionError, match="cardbridge server join"):
+        init(b, f"db_url={url!r}")
+    assert not b.exists()
+
+    # Node B reaches node A's SoftHSM2 token through the module and its configuration.
+    join = (f"db_url={url!r}", f"hsm_module={SOFTHSM_MODULE!r}",
+            f"hsm_pin_file=Path({str(a / 'hsm-pin')!r})", "node_name='node-b'",
+            "public_url='https://sign.example.test:9443'")  # fmt: skip
+    env = {"SOFTHSM2_CONF": str(a / "softhsm2.conf")}
+    _run("join_data_dir", b, *join, env=env)
+    assert (b / "ca.pem").read_bytes() == (a / "ca.pem").read_bytes()
+    assert not (b / "admin-token").exists() and not (b / "tokens").exists()
+    tls = x509.load_pem_x509_certificate((b / "tls/server.pem").read_bytes())
+    tls.verify_directly_issued_by(x509.load_pem_x509_certificate((a / "ca.pem").read_bytes()))
+    san = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"sign.example.test", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert stat.S_IMODE((b / "tls/server.key").stat().st_mode) == 0o600
+    settings_a, settings_b = Settings.load(a), Settings.load(b)
+    assert (settings_b.ca_key_id, settings_b.node_name) == (settings_a.ca_key_id, "node-b")
+    assert settings_b.db_url == settings_a.db_url and settings_b.softhsm_conf is None
+    raw = json.loads((b / "server.json").read_text())
+    assert raw["tls_cert"] == "tls/server.pem" and raw["hsm_pin_file"] == str(a / "hsm-pin")
+
+    before = snapshot(b)
+    _run("join_data_dir", b, *join, env=env)  # re-run: nothing is replaced
+    assert snapshot(b) == before
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as s:
+            events = [(r["event"], r["details"].get("node")) for r in audit.export(s)]
+            assert audit.verify(s) is None
+    finally:
+        engine.dispose()
+    assert events.count(("server.join", "node-b")) == 1
+    assert [e for e in events if e[0] == "server.init" and e[1]] == [
+        ("server.init", settings_a.node_name)
+    ]

@@ -15,9 +15,10 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -26,10 +27,14 @@ START_TIMEOUT = 60.0
 
 
 def cardbridge(
-    *args: str | Path, input: str | None = None, check: bool = True, timeout: float = 120
+    *args: str | Path,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cardbridge ARGS`` and return its result; ``check`` fails the test, showing the
-    command's stderr, when it exits non-zero."""
+    """Run ``cardbridge ARGS`` (with ``env`` added to the environment) and return its result;
+    ``check`` fails the test, showing the command's stderr, when it exits non-zero."""
     proc = subprocess.run(
         [CARDBRIDGE, *map(str, args)],
         input=input,
@@ -37,6 +42,7 @@ def cardbridge(
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -56,6 +62,21 @@ def free_port() -> int:
 def ca_context(data: Path) -> ssl.SSLContext:
     """An SSL context that trusts only the server's CA, ``DIR/ca.pem``."""
     return ssl.create_default_context(cafile=str(data / "ca.pem"))
+
+
+class HttpsEndpoint(Protocol):
+    """Where clients send requests: one server, or a load balancer in front of several."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def data(self) -> Path:
+        """A data directory whose ``ca.pem`` (the deployment's CA) clients trust."""
+        ...
+
+    @property
+    def http(self) -> httpx.Client: ...
 
 
 @dataclass
@@ -113,12 +134,19 @@ def init_data_dir(data: Path, *extra: str) -> str:
     return cardbridge("server", "init", "--data", data, *extra, timeout=300).stdout
 
 
-def start_server(data: Path, *, workers: int = 1, port: int | None = None) -> LiveServer:
-    """Start ``cardbridge server run`` on a free port and wait until ``/healthz`` answers over
-    HTTPS; fail loudly (with the server's log) if it does not come up."""
+def start_server(
+    data: Path,
+    *,
+    workers: int = 1,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LiveServer:
+    """Start ``cardbridge server run`` (with ``env`` added to the environment) on a free port
+    and wait until ``/healthz`` answers over HTTPS; fail loudly (with the server's log) if it
+    does not come up."""
     port = port or free_port()
     log_path = data.parent / f"{data.name}-server-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [CARDBRIDGE, "server", "run", "--data", str(data), "--bind", f"127.0.0.1:{port}",

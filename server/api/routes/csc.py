@@ -17,7 +17,7 @@ from fastapi import Depends, Request, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import HsmDep, SessionDep, SettingsDep, proof_key
+from server.api.deps import HsmDep, OriginDep, SessionDep, SettingsDep, proof_key
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, UserDep
 from server.config import Policy
@@ -313,7 +313,11 @@ def _router(version: Version) -> APIRouter:
 
     @router.post("/signatures/signHash", response_model_exclude_none=True)
     def sign_hash(
-        session: SessionDep, hsm: HsmDep, user: UserDep, body: CscSignHashRequest
+        session: SessionDep,
+        hsm: HsmDep,
+        origin: OriginDep,
+        user: UserDep,
+        body: CscSignHashRequest,
     ) -> CscSignHashResponse:
         """Sign each digest the SAD covers, then spend it; signatures in input order, standard
         base64."""
@@ -327,6 +331,7 @@ def _router(version: Version) -> APIRouter:
             hash_oid=body.hashAlgorithmOID,
             sign_algo_oid=body.signAlgo,
             sign_algo_params=body.signAlgoParams,
+            origin=origin,
         )
         return CscSignHashResponse(signatures=[b64encode(s) for s in signatures])
 

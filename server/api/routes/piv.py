@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import Response
 
-from server.api.deps import HsmDep, SessionDep, SettingsDep
+from server.api.deps import HsmDep, OriginDep, SessionDep, SettingsDep
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, PivUserDep
 from server.models import Credential, User
@@ -30,7 +30,7 @@ from server.schemas import (
     RsaBlockRequest,
     b64encode,
 )
-from server.services import credentials, devices, pins, piv, users
+from server.services import audit, credentials, devices, pins, piv, users
 from server.services.keyuse import KeyOp
 from server.services.tokens import Principal
 
@@ -118,6 +118,7 @@ def _run(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: audit.Origin,
     user: Principal,
     credential_id: str,
     op: KeyOp,
@@ -125,7 +126,7 @@ def _run(
     otp: str | None,
 ) -> ResultResponse:
     result = piv.operation(
-        session, hsm, settings.policy, user, credential_id, op, data, otp=otp
+        session, hsm, settings.policy, user, credential_id, op, data, origin=origin, otp=otp
     )
     return ResultResponse(result=b64encode(result))
 
@@ -135,12 +136,15 @@ def rsa_raw(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: OriginDep,
     user: PivUserDep,
     credential_id: str,
     body: RsaBlockRequest,
 ) -> ResultResponse:
     """Raw RSA on a PKCS#1 v1.5 type-1 or EMSA-PSS block of modulus length (rule 3)."""
-    return _run(session, hsm, settings, user, credential_id, KeyOp.RSA_RAW, body.block, body.otp)
+    return _run(
+        session, hsm, settings, origin, user, credential_id, KeyOp.RSA_RAW, body.block, body.otp
+    )
 
 
 @key_router.post("/{credential_id}/decrypt")
@@ -148,12 +152,15 @@ def decrypt(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: OriginDep,
     user: PivUserDep,
     credential_id: str,
     body: RsaBlockRequest,
 ) -> ResultResponse:
     """Raw RSA decryption with the 9D key; only a type-2 result is returned (rule 3)."""
-    return _run(session, hsm, settings, user, credential_id, KeyOp.DECRYPT, body.block, body.otp)
+    return _run(
+        session, hsm, settings, origin, user, credential_id, KeyOp.DECRYPT, body.block, body.otp
+    )
 
 
 @key_router.post("/{credential_id}/ecdsa")
@@ -161,12 +168,15 @@ def ecdsa(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: OriginDep,
     user: PivUserDep,
     credential_id: str,
     body: DigestRequest,
 ) -> ResultResponse:
     """ECDSA on a digest as long as the curve's field; DER Ecdsa-Sig-Value out."""
-    return _run(session, hsm, settings, user, credential_id, KeyOp.ECDSA, body.digest, body.otp)
+    return _run(
+        session, hsm, settings, origin, user, credential_id, KeyOp.ECDSA, body.digest, body.otp
+    )
 
 
 @key_router.post("/{credential_id}/eddsa")
@@ -174,12 +184,15 @@ def eddsa(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: OriginDep,
     user: PivUserDep,
     credential_id: str,
     body: MessageRequest,
 ) -> ResultResponse:
     """Ed25519 over the whole message (RFC 8032)."""
-    return _run(session, hsm, settings, user, credential_id, KeyOp.EDDSA, body.message, body.otp)
+    return _run(
+        session, hsm, settings, origin, user, credential_id, KeyOp.EDDSA, body.message, body.otp
+    )
 
 
 @key_router.post("/{credential_id}/ecdh")
@@ -187,13 +200,14 @@ def ecdh(
     session: SessionDep,
     hsm: HsmDep,
     settings: SettingsDep,
+    origin: OriginDep,
     user: PivUserDep,
     credential_id: str,
     body: PeerPointRequest,
 ) -> ResultResponse:
     """ECDH with the 9D key and the peer's uncompressed point; the shared secret out."""
     return _run(
-        session, hsm, settings, user, credential_id, KeyOp.ECDH, body.peer_point, body.otp
+        session, hsm, settings, origin, user, credential_id, KeyOp.ECDH, body.peer_point, body.otp
     )
 
 

@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The deployment that every server node of one database belongs to (DESIGN.md "Storage and
+scale"): its CA, whose key is on the HSM token that every node reaches. ``server init`` records
+it once; ``server join`` adds a node to it; ``server init`` on a database that already holds
+one refuses instead of forking it (a second CA, token and admin token on the same users).
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server.errors import Conflict
+from server.hsm import KeyAlg, KeyRef
+from server.models import AuditHead, Deployment
+from server.services import audit
+
+ROW_ID = 1
+FORK_REFUSED = (
+    "the database already holds a deployment; add this node to it with `cardbridge server "
+    "join --data DIR --db URL --hsm-module PATH --hsm-pin-file F` instead"
+)
+
+
+def find(session: Session) -> Deployment | None:
+    """The database's deployment, or None before ``server init`` recorded one."""
+    return session.get(Deployment, ROW_ID)
+
+
+def in_use(session: Session) -> bool:
+    """Whether the database holds the records of a deployment (its audit log is not empty),
+    recorded or not (one set up before deployments were recorded has no row)."""
+    return bool(session.scalar(select(AuditHead.last_seq)))
+
+
+def ca_of(row: Deployment) -> tuple[KeyRef, x509.Certificate]:
+    """The deployment's CA: its key in the HSM and its certificate."""
+    cert = x509.load_pem_x509_certificate(row.ca_cert_pem.encode())
+    return KeyRef(row.ca_key_id, KeyAlg(row.ca_key_alg)), cert
+
+
+def record(
+    session: Session, ca_ref: KeyRef, ca_cert: x509.Certificate, token_label: str, *, node: str
+) -> None:
+    """Record the deployment (in the caller's transaction, with its audit record).
+
+    :raises Conflict: another ``server init`` recorded one first.
+    """
+    session.add(
+        Deployment(
+            id=ROW_ID,
+            ca_key_id=ca_ref.key_id,
+            ca_key_alg=str(ca_ref.alg),
+            ca_cert_pem=ca_cert.public_bytes(serialization.Encoding.PEM).decode(),
+            token_label=token_label,
+        )
+    )
+    try:
+        session.flush()
+    except IntegrityError as e:
+        raise Conflict(FORK_REFUSED) from e
+    audit.append(
+        session,
+        actor="server-init",
+        event=audit.Event.SERVER_INIT,
+        details={"ca_key_id": ca_ref.key_id, "token_label": token_label, "node": node},
+    )
+
+
+def joined(session: Session, row: Deployment, *, node: str) -> None:
+    """Audit that ``node`` joined the deployment (``server join``)."""
+    audit.append(
+        session,
+        actor="server-join",
+        event=audit.Event.SERVER_JOIN,
+        details={"ca_key_id": row.ca_key_id, "node": node},
+    )
