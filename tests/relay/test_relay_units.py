@@ -80,12 +80,12 @@ def test_approvals_time_out_and_are_handed_out_oldest_first() -> None:
     with pytest.raises(LookupError, match="no signature waits"):
         approvals.approve("123456")
 
-    got: list[str | None] = []
+    got: dict[str, str | None] = {}
     approvals.timeout = 5
 
     def sign(digest: str) -> None:
         with approvals.waiting("9c", "ecdsa", digest) as approval:
-            got.append(approval.otp)
+            got[digest] = approval.otp
 
     threads = [threading.Thread(target=sign, args=(d,)) for d in ("first", "second")]
     for t in threads:
@@ -100,7 +100,7 @@ def test_approvals_time_out_and_are_handed_out_oldest_first() -> None:
         approvals.approve("333333", 99)
     for t in threads:
         t.join(5)
-    assert got == ["111111", "222222"]
+    assert got == {"first": "111111", "second": "222222"}
 
 
 def test_server_timing_header() -> None:
