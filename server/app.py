@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -74,6 +75,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        to_thread.current_default_thread_limiter().total_tokens = resolved.threads
         opened: Hsm | None = None
         if getattr(app.state, "hsm", None) is None:
             opened = open_hsm(resolved)
@@ -99,7 +101,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)
-    for module in (csc, health, auth, piv, admin, audit):
+    for module in (piv, csc, auth, health, admin, audit):  # the busiest are matched first
         for router in module.routers:
             app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

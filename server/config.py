@@ -76,6 +76,10 @@ class Settings(BaseModel):
     """Set when the token is the data directory's own SoftHSM2 token."""
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     """This node's name in the audit records of key uses (default: the host name)."""
+    threads: int = Field(default=8, ge=1, le=256)
+    """Worker threads of a server process, where requests act (HSM, database, argon2) while
+    its event loop serves other connections. Few, because the process has one HSM session
+    behind a lock: more threads would only queue there and contend for the interpreter."""
     public_url: str | None = None
     """The URL clients use (e.g. the load balancer's); its host is in the TLS certificate."""
     policy: Policy = Field(default_factory=Policy)

@@ -244,4 +244,4 @@ def enroll_device(
     )
 
 
-routers = [pin_router, key_router, device_router]
+routers = [key_router, pin_router, device_router]
