@@ -2,8 +2,9 @@
 
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
-``app.state.hsm``. The session factory lives on ``app.state`` too. Every route goes through the
-one request pipeline of :mod:`server.api.pipeline`.
+``app.state.hsm``. The session factory lives on ``app.state`` too; its sessions carry the server's
+HSM keys (:func:`server.db.server_keys`). Every route goes through the one request pipeline of
+:mod:`server.api.pipeline`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.routes import admin, audit, auth, csc, health, piv
 from server.config import Settings
-from server.db import make_engine, session_factory
+from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm
+from server.hsm.secrets import ServerKeys
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
 """Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
@@ -58,6 +60,7 @@ def create_app(
             opened = Hsm.open(resolved.hsm_module, resolved.token_label, resolved.hsm_pin())
             app.state.hsm = opened
         try:
+            bind_keys(app.state.sessions, ServerKeys.load(app.state.hsm))
             yield
         finally:
             if opened is not None:

@@ -26,6 +26,7 @@ from server.config import SETTINGS_FILE, Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.errors import Conflict, InvalidRequest
 from server.hsm import Hsm, KeyRef, softhsm
+from server.hsm.secrets import ServerKeys
 from server.services import enrollment, tokens
 
 CA_NAME = "cardbridge CA"
@@ -105,8 +106,9 @@ def init_data_dir(
     token_label: str | None = None,
     hsm_pin_file: Path | None = None,
 ) -> Settings:
-    """Create whatever DIR lacks: settings, database (migrated), HSM token, CA, TLS
-    certificate, admin token. Idempotent: what exists is kept as it is.
+    """Create whatever DIR lacks: settings, HSM token, the server's HSM keys, database
+    (migrated), CA, TLS certificate, admin token. Idempotent: what exists is kept as it is, so
+    running it on an existing directory upgrades it (keys and migrations that need the HSM).
 
     :param hsm_module: any PKCS#11 module; then ``token_label`` and ``hsm_pin_file`` name an
         existing token. Without it a SoftHSM2 token is created in DIR.
@@ -115,9 +117,10 @@ def init_data_dir(
     _mkdir(data)
     settings = _settings(data, db_url, hsm_module, token_label, hsm_pin_file)
     settings.save()
-    migrate(settings.db_url)
     hsm = _open_hsm(settings)
     try:
+        keys = ServerKeys.ensure(hsm)
+        migrate(settings.db_url, keys=keys)
         if settings.ca_key_id is None or not settings.ca_cert.exists():
             ca_ref, ca_cert = ca.create_ca(hsm, CA_NAME)
             settings.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -127,11 +130,11 @@ def init_data_dir(
             ca_ref, ca_cert = enrollment.load_ca(settings)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
+        settings.save()
+        if not settings.admin_token_file.exists():
+            _create_admin_token(settings, keys)
     finally:
         hsm.close()
-    settings.save()
-    if not settings.admin_token_file.exists():
-        _create_admin_token(settings)
     return settings
 
 
@@ -147,10 +150,10 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
     )
 
 
-def _create_admin_token(settings: Settings) -> None:
+def _create_admin_token(settings: Settings, keys: ServerKeys) -> None:
     engine = make_engine(settings.db_url)
     try:
-        with unit_of_work(session_factory(engine)()) as session:
+        with unit_of_work(session_factory(engine, keys)()) as session:
             token = tokens.create_admin_token(session, actor="server-init")
         write_secret(settings.admin_token_file, (token + "\n").encode())
     finally:

@@ -65,7 +65,7 @@ class KeyUse:
     otp_per_signature: bool
     has_pin: bool
     pin_retries: int
-    otp_secret: str | None
+    otp_seed: bytes | None
 
 
 _CREDS = cast(Table, Credential.__table__)
@@ -85,7 +85,7 @@ _KEY_USE = (
         _USERS.c.disabled,
         _USERS.c.pin_hash.is_not(None),
         _USERS.c.pin_retries,
-        _USERS.c.otp_secret,
+        _USERS.c.otp_seed,
     )
     .join_from(_CREDS, _USERS, _USERS.c.id == _CREDS.c.user_id)
     .where(_CREDS.c.id == bindparam("credential_id"))
@@ -102,7 +102,7 @@ def key_use(session: Session, user_id: int, credential_id: str) -> KeyUse:
     if not rows or rows[0][0] != user_id:
         raise NotFound("unknown credentialID")
     (owner_id, owner, slot, alg, key_id, cert_pem, pin_always, otp_per_signature, status,
-     disabled, has_pin, pin_retries, otp_secret) = rows[0]  # fmt: skip
+     disabled, has_pin, pin_retries, otp_seed) = rows[0]  # fmt: skip
     if status != ACTIVE or disabled:
         raise Forbidden("the credential is disabled")
     return KeyUse(
@@ -116,7 +116,7 @@ def key_use(session: Session, user_id: int, credential_id: str) -> KeyUse:
         bool(otp_per_signature),
         bool(has_pin),
         int(pin_retries),
-        otp_secret,
+        otp_seed,
     )
 
 
@@ -152,5 +152,5 @@ def check_otp(
         if cred.otp_per_signature:
             raise InvalidOtp("this credential needs a one-time password for each use")
         return
-    owner = otp.Owner(cred.user_id, cred.owner, cred.otp_secret)
+    owner = otp.Owner(cred.user_id, cred.owner, cred.otp_seed)
     otp.verify(session, owner, code, policy, actor=actor)

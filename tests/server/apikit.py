@@ -31,6 +31,7 @@ from server.app import create_app
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm import Hsm
+from server.hsm.secrets import ServerKeys
 from server.models import utcnow
 from server.services import tokens
 
@@ -184,7 +185,7 @@ def api_fixture(
         ca_key_alg=str(ca_ref.alg),
     )
     engine = make_engine(url)
-    sessions = session_factory(engine)
+    sessions = session_factory(engine, ServerKeys.ensure(hsm))
     with unit_of_work(sessions()) as s:
         admin_token = tokens.create_admin_token(s)
     app = create_app(settings, hsm=hsm, sessions=sessions)

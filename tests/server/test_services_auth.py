@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-import pyotp
 import pytest
-from conftest import PASSWORD, MakeUser, totp_now
+from conftest import PASSWORD, MakeUser, totp_now, totp_of
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from test_services_concurrency import run_together
@@ -71,7 +70,7 @@ def test_otp_failures_are_rate_limited(
     with pytest.raises(RateLimited):  # even the right code is not checked now
         otp.verify(session, user, totp_now(user), policy)
     later = utcnow() + timedelta(seconds=policy.otp_window + 1)
-    code = pyotp.TOTP(user.otp_secret or "").at(later)
+    code = totp_of(user).at(later)
     otp.verify(session, user, code, policy, now=later)  # the window has passed
 
 
@@ -88,9 +87,10 @@ def test_correct_otp_returns_its_reservation(
 
 def test_otpauth_uri(make_user: MakeUser) -> None:
     user = make_user("bob@example.org")
-    uri = otp.otpauth_uri(user, user.otp_secret or "")
+    seed = totp_of(user).secret
+    uri = otp.otpauth_uri(user, seed)
     assert uri.startswith("otpauth://totp/cardbridge:bob%40example.org?")
-    assert f"secret={user.otp_secret}" in uri and "issuer=cardbridge" in uri
+    assert f"secret={seed}" in uri and "issuer=cardbridge" in uri
 
 
 def test_login_refresh_revoke(session: Session, make_user: MakeUser, policy: Policy) -> None:
