@@ -153,9 +153,18 @@ class AdminClient:
 
     # -- audit ---------------------------------------------------------------------------
 
-    def audit_verify(self) -> dict[str, Any]:
-        """Check the audit hash chain; the answer names the first bad record, if any."""
+    def audit_verify(self, checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Check the audit hash chain (against ``checkpoints`` exported earlier, if given); the
+        answer names the first bad record, if any."""
+        if checkpoints:
+            return self._json(
+                "POST", "/api/v1/admin/audit/verify", json={"checkpoints": checkpoints}
+            )
         return self._json("GET", "/api/v1/admin/audit/verify")
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        """A signed checkpoint of the audit chain as it is now."""
+        return self._json("GET", "/api/v1/admin/audit/checkpoint")
 
     def audit_export(self) -> Any:
         """Every audit record, oldest first."""

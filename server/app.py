@@ -24,6 +24,7 @@ from server.config import Settings
 from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
+from server.services import checkpoints
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
 """Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
@@ -61,7 +62,8 @@ def create_app(
             app.state.hsm = opened
         try:
             bind_keys(app.state.sessions, ServerKeys.load(app.state.hsm))
-            yield
+            async with checkpoints.exporting(app.state.sessions, resolved):
+                yield
         finally:
             if opened is not None:
                 app.state.hsm = None

@@ -464,15 +464,68 @@ def _as_pem_certificate(raw: bytes) -> str:
     return cert.public_bytes(Encoding.PEM).decode()
 
 
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="A file of signed checkpoints (the server's audit-checkpoints.jsonl, or what "
+        "`audit checkpoint --append` wrote): the chain must still hold the latest one.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context) -> None:
-    """Check the audit log's hash chain; exit 1 and name the first bad record if broken."""
-    result = _client(ctx).audit_verify()
+def audit_verify(ctx: typer.Context, checkpoint: CheckpointOpt = None) -> None:
+    """Check the audit log's hash chain and HSM MACs (and, with --checkpoint, that it was not
+    cut back or wiped since); exit 1 and name the first bad record if broken."""
+    checkpoints = [latest_checkpoint(checkpoint)] if checkpoint is not None else None
+    result = _client(ctx).audit_verify(checkpoints)
     if result.get("ok"):
-        typer.echo(f"audit log OK: {result.get('records')} records")
+        against = f", checkpoint {checkpoints[0]['seq']} held" if checkpoints else ""
+        typer.echo(f"audit log OK: {result.get('records')} records{against}")
         return
     reason = result.get("reason") or "broken"
     raise CliError(f"audit log BROKEN at record {result.get('first_bad')}: {reason}")
+
+
+def latest_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint of ``path`` (JSON lines) with the highest seq: it covers every record
+    before it (the chain links them)."""
+    found: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            cp = json.loads(line)
+            int(cp["seq"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CliError(f"{path}:{number}: not a checkpoint") from e
+        found.append(cp)
+    if not found:
+        raise CliError(f"{path} holds no checkpoint")
+    return max(found, key=lambda cp: int(cp["seq"]))
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    ctx: typer.Context,
+    append: Annotated[
+        Path | None,
+        typer.Option("--append", help="Append it to this file (default: print it).",
+                     dir_okay=False),
+    ] = None,
+) -> None:
+    """Get a checkpoint of the audit chain signed by the server's HSM, to keep outside the
+    database."""
+    line = json.dumps(_client(ctx).audit_checkpoint(), sort_keys=True, separators=(",", ":"))
+    if append is None:
+        typer.echo(line)
+        return
+    with append.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    typer.echo(f"checkpoint appended to {append}")
 
 
 @audit_app.command("export")

@@ -67,6 +67,13 @@ class Settings(BaseModel):
     admin_token_file: Path
     softhsm_conf: Path | None = None
     """Set when the token is the data directory's own SoftHSM2 token."""
+    audit_checkpoint_file: Path
+    """Where each server process appends signed audit checkpoints (JSON lines); keep it, or a
+    copy, out of reach of whoever can write the database (rule 7)."""
+    audit_checkpoint_syslog: bool = False
+    """Send each checkpoint to syslog (facility AUTH) too, e.g. to a remote log host."""
+    audit_checkpoint_interval: int = Field(default=300, gt=0)
+    """Seconds between checkpoints while the audit chain grows."""
     policy: Policy = Field(default_factory=Policy)
 
     @model_validator(mode="before")
@@ -84,6 +91,7 @@ class Settings(BaseModel):
             "tls_key": d / "tls" / "server.key",
             "ca_cert": d / "ca.pem",
             "admin_token_file": d / "admin-token",
+            "audit_checkpoint_file": d / "audit-checkpoints.jsonl",
         }
         return {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}
 

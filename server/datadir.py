@@ -10,6 +10,8 @@ Layout of DIR (dirs 0700, secrets 0600)::
     ca.pem             the built-in CA certificate (key in the HSM)
     tls/server.pem     TLS certificate issued by the CA; tls/server.key its key
     admin-token        the Administration API bearer token
+    audit-checkpoints.jsonl  signed audit checkpoints, appended by ``server run``
+                       (``Settings.audit_checkpoint_file``: point it outside DIR's host)
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ class DpopProof(Base):
 
 
 class AuditRecord(Base):
-    """One link of the hash-chained audit log (rule 7); rows are only ever inserted."""
+    """One link of the hash-chained, HSM-anchored audit log (rule 7); rows are only ever
+    inserted."""
 
     __tablename__ = "audit_log"
 
@@ -208,6 +209,8 @@ class AuditRecord(Base):
     """Canonical JSON, exactly as hashed."""
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+    """HMAC-SHA256 (hex) of ``hash`` under the HSM's audit key."""
 
 
 class AuditHead(Base):

@@ -494,6 +494,24 @@ class CertResponse(BaseModel):
     certificate: str
 
 
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AuditCheckpoint(_Strict):
+    """A signed audit checkpoint, as exported (one line of the checkpoint file)."""
+
+    seq: int = Field(ge=0)
+    hash: Hex64
+    count: int = Field(ge=0)
+    time: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    mac: Hex64
+
+
+class AuditVerifyRequest(_Strict):
+    checkpoints: list[AuditCheckpoint] = Field(min_length=1, max_length=64)
+    """Checkpoints exported earlier (the latest one covers every record before it)."""
+
+
 class AuditVerifyResponse(BaseModel):
     ok: bool
     records: int
@@ -510,6 +528,7 @@ class AuditRecordOut(BaseModel):
     details: dict[str, Any]
     prev_hash: str
     hash: str
+    mac: str
 
 
 class HealthResponse(BaseModel):

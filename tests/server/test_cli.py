@@ -119,6 +119,32 @@ def test_audit_verify_ok(api: Any) -> None:
     assert res.exit_code == 0 and "audit log OK: 9 records" in res.stdout
 
 
+def test_audit_verify_sends_the_latest_checkpoint_of_the_file(api: Any, tmp_path: Path) -> None:
+    cps = [{"seq": n, "hash": "a" * 64, "count": n, "time": "t", "mac": "b" * 64}
+           for n in (3, 9, 5)]
+    path = tmp_path / "audit-checkpoints.jsonl"
+    path.write_text("".join(json.dumps(cp) + "\n" for cp in cps) + "\n")
+    seen = api(lambda r: httpx.Response(200, json={"ok": True, "records": 12}))
+    res = admin("audit", "verify", "--checkpoint", str(path))
+    assert res.exit_code == 0, res.output
+    assert "audit log OK: 12 records, checkpoint 9 held" in res.stdout
+    (req,) = seen
+    assert (req.method, req.url.path) == ("POST", "/api/v1/admin/audit/verify")
+    assert json.loads(req.content) == {"checkpoints": [cps[1]]}
+    path.write_text("not json\n")
+    res = admin("audit", "verify", "--checkpoint", str(path))
+    assert res.exit_code == 1 and res.stderr == f"Error: {path}:1: not a checkpoint\n"
+
+
+def test_audit_checkpoint_appends_to_a_file(api: Any, tmp_path: Path) -> None:
+    cp = {"seq": 4, "hash": "a" * 64, "count": 4, "time": "t", "mac": "b" * 64}
+    api(lambda r: httpx.Response(200, json=cp))
+    path = tmp_path / "kept.jsonl"
+    for _ in range(2):
+        assert admin("audit", "checkpoint", "--append", str(path)).exit_code == 0
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [cp, cp]
+
+
 def test_unreachable_server_is_one_line(api: Any) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

@@ -28,6 +28,7 @@ from live_server import (
 )
 
 from relay.dpop import DeviceKey, DpopAuth
+from server.services import audit
 
 pytestmark = [pytest.mark.hsm, pytest.mark.slow]
 
@@ -230,6 +231,71 @@ def test_tampered_audit_log_fails_verify_and_names_the_record(
     finally:
         con.close()
     assert server.admin("audit", "verify").returncode == 0
+
+
+def _cut(con: sqlite3.Connection, keep: int) -> None:
+    con.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
+    row = con.execute("SELECT hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()
+    con.execute("UPDATE audit_head SET last_seq = ?, last_hash = ?",
+                (keep, row[0] if row else audit.GENESIS_HASH))
+
+
+def _rechain(con: sqlite3.Connection, seq: int) -> None:
+    """Edit record ``seq`` and recompute every hash after it and the head: a consistent hash
+    chain, as whoever can write the database can make one."""
+    con.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = ?", (seq,))
+    (prev,) = con.execute("SELECT hash FROM audit_log WHERE seq = ?", (seq - 1,)).fetchone()
+    rows = con.execute("SELECT seq, time, actor, event, subject, details FROM audit_log "
+                       "WHERE seq >= ? ORDER BY seq", (seq,)).fetchall()
+    for n, time, actor, event, subject, details in rows:
+        digest = audit.record_hash(n, time, actor, event, subject, details, prev)
+        con.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?",
+                    (prev, digest, n))
+        prev = digest
+    con.execute("UPDATE audit_head SET last_hash = ?", (prev,))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [lambda con, last: _cut(con, last - 2), lambda con, last: _cut(con, 0),
+     lambda con, last: _rechain(con, 2)],
+    ids=["truncate", "wipe", "rechain"],
+)
+def test_audit_verify_with_a_checkpoint_catches_cuts_and_rewrites(
+    server: LiveServer, tmp_path: Path, tamper: Any
+) -> None:
+    """Finding 4 through the CLI: a checkpoint the admin kept outside the database (and the one
+    the server exported when it started) holds; then whoever can write the database cuts the
+    chain back, wipes it, or re-chains an edit: `audit verify --checkpoint` fails."""
+    exported = server.data / "audit-checkpoints.jsonl"
+    assert exported.is_file() and stat.S_IMODE(exported.stat().st_mode) == 0o600
+    assert server.admin("audit", "verify", "--checkpoint", str(exported)).returncode == 0
+    server.admin("user", "add", f"cut-{tmp_path.name}"[:64], "--password-stdin",
+                 input=PASSWORD + "\n")
+    kept = tmp_path / "kept.jsonl"
+    server.admin("audit", "checkpoint", "--append", str(kept))
+    ok = server.admin("audit", "verify", "--checkpoint", str(kept))
+    assert "checkpoint" in ok.stdout and "held" in ok.stdout
+    con = _db(server.data)
+    try:
+        rows = con.execute("SELECT * FROM audit_log ORDER BY seq").fetchall()
+        head = con.execute("SELECT last_seq, last_hash FROM audit_head").fetchone()
+        con.execute("BEGIN")
+        tamper(con, head[0])
+        con.execute("COMMIT")
+        res = server.admin("audit", "verify", "--checkpoint", str(kept), check=False)
+        assert res.returncode != 0
+        assert "audit log BROKEN at record" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    finally:
+        con.execute("BEGIN")
+        con.execute("DELETE FROM audit_log")
+        marks = ",".join("?" * len(rows[0]))
+        con.executemany(f"INSERT INTO audit_log VALUES ({marks})", rows)  # noqa: S608
+        con.execute("UPDATE audit_head SET last_seq = ?, last_hash = ?", head)
+        con.execute("COMMIT")
+        con.close()
+    assert server.admin("audit", "verify", "--checkpoint", str(kept)).returncode == 0
 
 
 # -- PIN blocking across a restart ----------------------------------------------------------

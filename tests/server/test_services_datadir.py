@@ -17,8 +17,6 @@ import pytest
 from cryptography import x509
 
 from server.config import Settings
-from server.db import make_engine, session_factory
-from server.services import audit, tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
@@ -36,6 +34,32 @@ def init(data: Path, *args: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def in_data_dir(data: Path, code: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``data``'s HSM (``hsm``) and database
+    (``engine``) open; returns its stdout."""
+    prelude = (
+        "import os, sys; from pathlib import Path\n"
+        "from server.config import Settings\n"
+        "from server.db import make_engine, session_factory\n"
+        "from server.hsm import Hsm\n"
+        "from server.hsm.secrets import ServerKeys\n"
+        "from server.services import audit, tokens\n"
+        "data = Path(sys.argv[1]); settings = Settings.load(data)\n"
+        "os.environ['SOFTHSM2_CONF'] = str(settings.softhsm_conf)\n"
+        "hsm = Hsm.open(settings.hsm_module, settings.token_label, settings.hsm_pin())\n"
+        "engine = make_engine(settings.db_url)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + code, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def snapshot(data: Path) -> dict[str, str]:
@@ -70,16 +94,18 @@ def test_init_creates_everything_once(tmp_path: Path) -> None:
     san = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
 
-    engine = make_engine(settings.db_url)
-    try:
-        with session_factory(engine)() as s:
-            token = (data / "admin-token").read_text().strip()
-            assert tokens.authenticate(s, token).kind == "admin"
-            assert audit.verify(s) is None
-            records = list(audit.export(s))
-            assert token not in str(records)
-    finally:
-        engine.dispose()
+    assert stat.S_IMODE((data / "cardbridge.db").stat().st_mode) == 0o600
+    # The data directory's own token (this process uses the shared test token): its server
+    # keys exist, the admin token works and the audit chain verifies with its MACs.
+    checked = in_data_dir(data, """
+token = (data / "admin-token").read_text().strip()
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert tokens.authenticate(s, token).kind == "admin"
+    assert audit.verify(s) is None
+    assert token not in str(list(audit.export(s)))
+print("checked")
+""")
+    assert checked == "checked\n"
 
     before = snapshot(data)
     init(data)  # re-run: nothing is replaced
