@@ -126,6 +126,9 @@ class AuthToken(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("auth_tokens.id"))
     """For an access token: the refresh token it came with (revoking that revokes this)."""
+    family_id: Mapped[int | None] = mapped_column(index=True)
+    """The login this token descends from: the id of its first refresh token, shared by every
+    refresh token rotated from it and their access tokens and PIN marks (RFC 9700 §4.14.2)."""
     second_factor: Mapped[bool] = mapped_column(Boolean, default=False)
     jkt: Mapped[str | None] = mapped_column(String(64))
     """For a device-bound token: the JWK thumbprint of the device key (RFC 9449 ``cnf.jkt``)

@@ -44,6 +44,7 @@ class Event(StrEnum):
     LOGIN_FAILED = "login.failed"
     LOGOUT = "logout"
     REFRESH = "login.refresh"
+    REFRESH_REUSED = "login.refresh.reused"
     PIN_OK = "pin.verify.ok"
     PIN_FAILED = "pin.verify.failed"
     PIN_CHANGE = "pin.change"

@@ -48,7 +48,9 @@ def verify_pin(session: Session, policy: Policy, principal: Principal, pin: str)
         pin_marks.clear_session(session, principal.session_id)
         raise
     root = session.get(AuthToken, principal.session_id)
-    pin_marks.mark(session, user.id, principal.session_id, root.expires_at if root else None)
+    if root is None:  # the pipeline authenticated its access token a moment ago
+        raise InvalidRequest("this session has ended")
+    pin_marks.mark(session, root)
 
 
 def pin_verified(session: Session, principal: Principal) -> bool:
@@ -63,7 +65,7 @@ def reset_pin_state(session: Session, principal: Principal) -> None:
 
 def end_session(session: Session, principal: Principal) -> None:
     """Log out: revoke the session's refresh token, its access tokens and its PIN marks."""
-    tokens.revoke_family(session, principal.session_id)
+    tokens.revoke_family(session, principal.family_id)
     audit.append(session, actor=principal.actor, event=audit.Event.LOGOUT, subject=principal.actor)
 
 

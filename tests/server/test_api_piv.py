@@ -274,14 +274,52 @@ def test_logout_ends_the_session_and_refresh_rotates(api: Api) -> None:
     rotated = r.json()
     assert rotated["token_type"] == "DPoP"
     error(api.client.get("/api/v1/pin/status", auth=first), 401, "unauthorized")
-    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": refresh}, auth=device)
-    error(r, 401, "unauthorized")
     h = DpopAuth(user.device, rotated["access_token"])
+    assert api.client.get("/api/v1/pin/status", auth=h).status_code == 200
     assert api.client.post("/api/v1/auth/logout", auth=h).status_code == 204
     error(api.client.get("/api/v1/pin/status", auth=h), 401, "unauthorized")
     r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]},
                         auth=device)
     error(r, 401, "unauthorized")
+
+
+def test_a_reused_refresh_token_revokes_its_whole_family(api: Api) -> None:
+    """Finding 9, as a thief who copied a refresh token: the owner rotates it first; when the
+    copy is presented again the server cannot tell who is who, so the whole login ends (the
+    owner's new tokens too) and the reuse is audited (RFC 9700 §4.14.2)."""
+    user = api.user(alg="p256")
+    api.login(user)
+    stolen = user.refresh_token
+    device = DpopAuth(user.device)
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": stolen}, auth=device)
+    assert r.status_code == 200, r.text
+    owner = DpopAuth(user.device, r.json()["access_token"])
+    owner_refresh = r.json()["refresh_token"]
+    assert api.client.get("/api/v1/pin/status", auth=owner).status_code == 200
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": stolen}, auth=device)
+    error(r, 401, "unauthorized")
+    error(api.client.get("/api/v1/pin/status", auth=owner), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": owner_refresh},
+                        auth=device)
+    error(r, 401, "unauthorized")
+    # The same through CSC auth/login's refresh_token (unbound tokens, rememberMe).
+    r = api.client.post("/csc/v2/auth/login", json={"rememberMe": True},
+                        auth=(user.name, PASSWORD))
+    first = r.json()["refresh_token"]
+    r = api.client.post("/csc/v2/auth/login", json={"refresh_token": first})
+    assert r.status_code == 200, r.text
+    rotated = r.json()
+    error(api.client.post("/csc/v2/auth/login", json={"refresh_token": first}), 401)
+    r = api.client.post("/csc/v2/credentials/list", json={},
+                        headers={"Authorization": f"Bearer {rotated['access_token']}"})
+    error(r, 401, "unauthorized")
+    error(api.client.post("/csc/v2/auth/login", json={"refresh_token": rotated["refresh_token"]}),
+          401)
+    events = api.client.get("/api/v1/admin/audit/export", headers=api.admin).json()
+    reused = [e for e in events if e["event"] == "login.refresh.reused"
+              and e["subject"] == f"user:{user.name}"]
+    # Every presentation of a revoked refresh token: the two copies, then the owner's own.
+    assert len(reused) == 4 and reused[0]["details"]["device_bound"] is True
 
 
 def login_as(api: Api, user: Enrolled, otp: str, password: str = PASSWORD,

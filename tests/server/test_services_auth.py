@@ -102,15 +102,35 @@ def test_login_refresh_revoke(session: Session, make_user: MakeUser, policy: Pol
         tokens.authenticate(session, pair.refresh_token)
 
     new = tokens.refresh(session, policy, pair.refresh_token)
-    with pytest.raises(Unauthorized):  # rotated: the old refresh token is spent ...
-        tokens.refresh(session, policy, pair.refresh_token)
-    with pytest.raises(Unauthorized):  # ... and so is its access token
+    with pytest.raises(Unauthorized):  # rotated: the old access token is spent
         tokens.authenticate(session, pair.access_token)
     tokens.authenticate(session, new.access_token)
+    newer = tokens.refresh(session, policy, new.refresh_token)
+    assert tokens.authenticate(session, newer.access_token).family_id == me.family_id
 
-    tokens.revoke(session, new.refresh_token)
+    tokens.revoke(session, newer.refresh_token)
     with pytest.raises(Unauthorized):  # revoking a refresh token kills its access tokens
-        tokens.authenticate(session, new.access_token)
+        tokens.authenticate(session, newer.access_token)
+
+
+def test_a_reused_refresh_token_revokes_the_family(
+    session: Session, make_user: MakeUser, policy: Policy
+) -> None:
+    user = make_user()
+    pair = tokens.login(session, policy, "alice", PASSWORD, totp_now(user))
+    other = tokens.login(session, policy, "alice", PASSWORD, totp_now(user, 1))
+    new = tokens.refresh(session, policy, pair.refresh_token)
+    with pytest.raises(Unauthorized) as e:  # the rotated token again: a copy is in use
+        tokens.refresh(session, policy, pair.refresh_token)
+    assert e.value.commit  # the revocation and its audit record outlive the refusal
+    for token in (new.access_token, pair.access_token):
+        with pytest.raises(Unauthorized):
+            tokens.authenticate(session, token)
+    with pytest.raises(Unauthorized):
+        tokens.refresh(session, policy, new.refresh_token)
+    tokens.authenticate(session, other.access_token)  # another login of the user lives on
+    last = session.scalars(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()
+    assert last is not None and last.event == audit.Event.REFRESH_REUSED
 
 
 def test_login_needs_otp_unless_csc(session: Session, make_user: MakeUser, policy: Policy) -> None:
