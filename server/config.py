@@ -40,6 +40,10 @@ class Policy(BaseModel):
     """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""
     multisign: int = Field(default=16, ge=1)
     """Most signatures one SAD may authorize (CSC ``multisign``)."""
+    decrypt_budget: int = Field(default=256, ge=1)
+    """RSA decryptions one key may do for one login (across its refreshes) within
+    ``decrypt_window``; past it the answer is 429 ``decryption_budget_exhausted``, audited."""
+    decrypt_window: int = Field(default=3600, gt=0)
 
     def ttl(self, name: str) -> timedelta:
         """The lifetime called ``name`` (e.g. ``"sad_ttl"``) as a timedelta."""

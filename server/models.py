@@ -194,6 +194,17 @@ class DpopProof(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class DecryptBudget(Base):
+    """RSA decryptions of one key for one login (token family) in the current window."""
+
+    __tablename__ = "decrypt_budgets"
+
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), primary_key=True)
+    family_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    window_start: Mapped[datetime] = mapped_column(index=True)
+    used: Mapped[int] = mapped_column(Integer)
+
+
 class AuditRecord(Base):
     """One link of the hash-chained, HSM-anchored audit log (rule 7); rows are only ever
     inserted."""

@@ -5,7 +5,8 @@ key operations behind GENERAL AUTHENTICATE (SP 800-73-4 Pt 2 §3.2.1, §3.2.4).
 Every key use goes through :mod:`server.services.keyuse` (owner, state, slot, blocked PIN,
 one-time password policy) and :mod:`server.services.pin_marks` (the session's PIN state), and
 is audited (rule 7); refusals that look like probing (a block rule 3 refuses, a key used
-without its PIN) are audited too and the audit record is committed with the refusal.
+without its PIN, a spent decryption budget) are audited too and the audit record is committed
+with the refusal.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from sqlalchemy.orm import Session
 from server import padding
 from server.algorithms import csc_hash_for_length
 from server.config import Policy
-from server.errors import InvalidRequest, PaddingRejected, PinBlocked, PinIncorrect, PinRequired
+from server.db import server_keys
+from server.errors import (
+    DecryptionBudgetExhausted,
+    InvalidRequest,
+    PaddingRejected,
+    PinBlocked,
+    PinIncorrect,
+    PinRequired,
+)
 from server.hsm import Hsm
 from server.models import AuthToken
 from server.services import audit, keyuse, pin_marks, pins, tokens, users
@@ -84,8 +93,9 @@ def operation(
 
     - ``rsa-raw``: ``data`` is a padded block; rule 3 accepts only EMSA-PKCS1-v1_5 with a
       known DigestInfo or a structurally valid EMSA-PSS encoding.
-    - ``decrypt`` (9D only): raw RSA decryption whose result must be a type-2 block; the
-      whole block is returned, as the card does.
+    - ``decrypt`` (9D only): raw RSA decryption, within the key's decryption budget; the
+      answer is always a type-2 block of modulus length (implicit rejection,
+      :func:`server.padding.implicit_rejection`), which the host unpads as the card's.
     - ``ecdsa``: ``data`` is the digest, as long as the curve's field; DER signature out.
     - ``eddsa``: ``data`` is the whole message (RFC 8032).
     - ``ecdh`` (9D only): ``data`` is the peer's uncompressed point; the shared secret out.
@@ -93,6 +103,7 @@ def operation(
     :param otp: the fresh one-time password a credential with ``otp_per_signature`` needs.
     :raises PaddingRejected: a block rule 3 refuses. :raises PinRequired: PIN policy unmet.
     :raises InvalidOtp: the credential's OTP policy unmet.
+    :raises DecryptionBudgetExhausted: too many decryptions with this key for this login.
     """
     if op not in PIV_OPS:
         raise InvalidRequest(f"{op} is not a PIV operation")
@@ -105,8 +116,10 @@ def operation(
         if cred.slot != "9e":
             pin_marks.require(session, principal.session_id, always=cred.pin_always)
         keyuse.check_otp(session, policy, cred, otp, actor=principal.actor)
-        result, event = _run(hsm, cred, op, data)
-    except (PaddingRejected, PinRequired) as e:
+        if op is KeyOp.DECRYPT:
+            keyuse.spend_decryption(session, policy, cred, principal.family_id)
+        result, event = _run(session, hsm, cred, op, data)
+    except (PaddingRejected, PinRequired, DecryptionBudgetExhausted) as e:
         audit.append(
             session,
             actor=principal.actor,
@@ -136,13 +149,15 @@ def _check_input(cred: KeyUse, op: KeyOp, data: bytes) -> dict[str, str]:
     return {}
 
 
-def _run(hsm: Hsm, cred: KeyUse, op: KeyOp, data: bytes) -> tuple[bytes, audit.Event]:
+def _run(
+    session: Session, hsm: Hsm, cred: KeyUse, op: KeyOp, data: bytes
+) -> tuple[bytes, audit.Event]:
     if op is KeyOp.RSA_RAW:
         return hsm.rsa_raw(cred.key, data), audit.Event.SIGN
     if op is KeyOp.DECRYPT:
-        result = hsm.rsa_decrypt_raw(cred.key, data)
-        padding.check_decrypted_block(result)
-        return result, audit.Event.DECRYPT
+        block = hsm.rsa_decrypt_raw(cred.key, data)
+        kdk = server_keys(session).rejection_kdk(data)
+        return padding.implicit_rejection(block, kdk), audit.Event.DECRYPT
     if op is KeyOp.ECDSA:
         return hsm.sign_digest(cred.key, data, csc_hash_for_length(len(data)).name), (
             audit.Event.SIGN

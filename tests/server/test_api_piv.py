@@ -126,10 +126,55 @@ def test_decryption_only_with_the_9d_key(api: Api, rsa_user: Enrolled) -> None:
     ciphertext = public.encrypt(b"session key", padding.PKCS1v15())
     block = result(op(api, rsa_user, "9d", "decrypt", "block", ciphertext))
     assert block[:2] == b"\x00\x02" and block.endswith(b"\x00session key") and len(block) == 256
-    # The 9D key signs nothing, and a ciphertext that does not decrypt to type 2 is refused
-    # (it would make 9D a raw signing oracle).
+    # The 9D key signs nothing.
     error(op(api, rsa_user, "9d", "rsa-raw", "block", pkcs1_block(b"x")), 403, "forbidden")
-    error(op(api, rsa_user, "9d", "decrypt", "block", pkcs1_block(b"x")), 400, "invalid_padding")
+
+
+def test_the_9d_key_is_neither_a_padding_oracle_nor_a_signing_oracle(api: Api) -> None:
+    """Finding 3, as the attacker of the review: to forge a PKCS#1 signature of M with the
+    key-management key, blind it (c = M·s^e) and ask for decryptions until one conforms; its
+    answer unblinds to M^d. Now every answer is a well-formed type-2 block (same status, same
+    length, deterministic), none is the raw c^d, so none unblinds to a signature, the queries
+    stop at the decryption budget, and the refusal is audited."""
+    user = api.user(alg="rsa2048", prefix="oracle")
+    api.login(user)
+    assert api.verify_pin(user).status_code == 200
+    public = certs(api, user)["9d"].public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    n, e = public.public_numbers().n, public.public_numbers().e
+    target = int.from_bytes(pkcs1_block(b"wire 1,000,000 to mallory"), "big")
+    budget = api.settings.policy.decrypt_budget
+    answers: dict[int, bytes] = {}
+    for _ in range(budget - 2):
+        s = int.from_bytes(os.urandom(255), "big") % n
+        c = target * pow(s, e, n) % n
+        r = op(api, user, "9d", "decrypt", "block", c.to_bytes(256, "big"))
+        answer = result(r)  # 200 whatever the padding: nothing to learn from the status
+        assert len(answer) == 256 and answer[:2] == b"\x00\x02", answer[:2]
+        y = int.from_bytes(answer, "big")
+        assert pow(y, e, n) != c  # never the raw result ...
+        assert pow(y * pow(s, -1, n) % n, e, n) != target  # ... so never a signature of M
+        answers[c] = answer
+    c, first = next(iter(answers.items()))
+    assert result(op(api, user, "9d", "decrypt", "block", c.to_bytes(256, "big"))) == first
+    genuine = public.encrypt(b"session key", padding.PKCS1v15())
+    answer = result(op(api, user, "9d", "decrypt", "block", genuine))
+    assert answer.endswith(b"\x00session key")
+    assert pow(int.from_bytes(answer, "big"), e, n) != int.from_bytes(genuine, "big")
+    # The budget of this key for this login is spent: an audited refusal, not an answer.
+    r = op(api, user, "9d", "decrypt", "block", genuine)
+    error(r, 429, "decryption_budget_exhausted")
+    events = api.client.get("/api/v1/admin/audit/export", headers=api.admin).json()
+    refused = [x for x in events if x["event"] == "key.refused"
+               and x["subject"] == f"credential:{user.credentials['9d']}"]
+    assert [x["details"]["reason"] for x in refused] == ["decryption_budget_exhausted"]
+    decrypts = [x for x in events if x["event"] == "decrypt"
+                and x["subject"] == f"credential:{user.credentials['9d']}"]
+    assert len(decrypts) == budget and all(x["details"] == decrypts[0]["details"]
+                                           for x in decrypts)
+    api.login(user)  # another login has its own budget
+    api.verify_pin(user)
+    assert result(op(api, user, "9d", "decrypt", "block", genuine)).endswith(b"\x00session key")
 
 
 # --- EC and EdDSA --------------------------------------------------------------------------

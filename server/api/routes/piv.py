@@ -152,7 +152,9 @@ def decrypt(
     credential_id: str,
     body: RsaBlockRequest,
 ) -> ResultResponse:
-    """Raw RSA decryption with the 9D key; only a type-2 result is returned (rule 3)."""
+    """Raw RSA decryption with the 9D key, within its decryption budget (429
+    ``decryption_budget_exhausted``); the answer is always a type-2 block of modulus length,
+    the real message's or a synthetic one (implicit rejection: no padding oracle, rule 3)."""
     return _run(session, hsm, settings, user, credential_id, KeyOp.DECRYPT, body.block, body.otp)
 
 
