@@ -136,6 +136,38 @@ def server_init(
         typer.echo("nothing to create: the data directory was already complete")
 
 
+@server_app.command("status")
+def server_status(
+    data: DataOpt, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Print the data directory's configuration and the security policy the server enforces
+    (``policy`` in DIR/server.json), e.g. whether CSC authorizations need a TOTP."""
+    from sqlalchemy import make_url
+
+    settings = Settings.load(data)
+    policy = settings.policy.model_dump(mode="json")
+    status: dict[str, Any] = {
+        "data_dir": str(settings.data_dir),
+        "database": make_url(settings.db_url).render_as_string(hide_password=True),
+        "hsm_module": settings.hsm_module,
+        "token_label": settings.token_label,
+        "bind": settings.bind,
+        "audit_checkpoint_file": str(settings.audit_checkpoint_file),
+        "audit_checkpoint_syslog": settings.audit_checkpoint_syslog,
+        "audit_checkpoint_interval": settings.audit_checkpoint_interval,
+        "policy": policy,
+    }
+    if as_json:
+        _print_json(status)
+        return
+    for key, value in status.items():
+        if key != "policy":
+            typer.echo(f"{key + ':':27}{value}")
+    typer.echo("policy:")
+    for key, value in policy.items():
+        typer.echo(f"  {key + ':':25}{json.dumps(value)}")
+
+
 @server_app.command("run")
 def server_run(
     data: DataOpt,

@@ -38,6 +38,10 @@ class Policy(BaseModel):
     otp_window: int = Field(default=5 * 60, gt=0)
     pin_always: bool = True
     """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""
+    csc_authorize_otp: bool = True
+    """CSC ``credentials/authorize`` needs a fresh TOTP beside the PIN for every credential:
+    CSC ``auth/login`` takes the password alone, so without it CSC signing would rest on two
+    things the user knows. False: only credentials enrolled ``--otp-per-signature`` ask."""
     multisign: int = Field(default=16, ge=1)
     """Most signatures one SAD may authorize (CSC ``multisign``)."""
     decrypt_budget: int = Field(default=256, ge=1)

@@ -54,6 +54,7 @@ class Event(StrEnum):
     PUK_CHANGE_FAILED = "puk.change.failed"
     OTP_FAILED = "otp.failed"
     AUTHORIZE = "credential.authorize"
+    EXTEND = "credential.extend"
     SIGN = "sign"
     DECRYPT = "decrypt"
     ECDH = "ecdh"

@@ -6,8 +6,9 @@ every path that uses keys: CSC signing, the PIV operations under ``/api/v1``, an
 - :func:`require_op`: what each slot's key may do (rule 3: no key is both a signing and a
   decryption oracle);
 - :func:`refuse_blocked_pin`: a blocked PIN stops every key use at once;
-- :func:`check_otp`: the credential's one-time password policy (``--otp-per-signature``:
-  sole control, a fresh TOTP for every use of the signature key);
+- :func:`otp_required` / :func:`check_otp`: the one-time password policy of each path: a
+  fresh TOTP for every CSC authorization (``Policy.csc_authorize_otp``: CSC logins take the
+  password alone), and for every use of a key enrolled ``--otp-per-signature`` on any path;
 - :func:`spend_decryption`: the decryption budget of a key for one login (what a padding
   oracle attack needs is thousands of queries).
 """
@@ -143,19 +144,34 @@ def refuse_blocked_pin(cred: KeyUse) -> None:
         raise PinBlocked("PIN blocked")
 
 
+class Via(StrEnum):
+    """The paths that authorize a key use."""
+
+    CSC = "csc"
+    """CSC ``credentials/authorize``, in a session opened with the password alone."""
+    PIV = "piv"
+    """A PIV operation under ``/api/v1``, in a device session opened with password and TOTP."""
+
+
+def otp_required(policy: Policy, cred: KeyUse, via: Via) -> bool:
+    """Whether authorizing a use of the key through ``via`` needs a fresh one-time password:
+    always for a credential enrolled ``--otp-per-signature`` (sole control), and on the CSC
+    path unless ``policy.csc_authorize_otp`` is off (its login has no second factor)."""
+    return cred.otp_per_signature or (via is Via.CSC and policy.csc_authorize_otp)
+
+
 def check_otp(
-    session: Session, policy: Policy, cred: KeyUse, code: str | None, *, actor: str
+    session: Session, policy: Policy, cred: KeyUse, code: str | None, *, via: Via, actor: str
 ) -> None:
-    """The credential's one-time password policy for one authorization of its key: with
-    ``otp_per_signature`` a fresh TOTP is required (rule 6: each time step once); a code sent
-    anyway is checked too.
+    """The one-time password policy (:func:`otp_required`) for one authorization of a key use;
+    a code sent anyway is checked too (rule 6: each time step once).
 
     :raises InvalidOtp: missing when required, wrong or reused.
     :raises RateLimited: too many failures of the owner.
     """
     if code is None:
-        if cred.otp_per_signature:
-            raise InvalidOtp("this credential needs a one-time password for each use")
+        if otp_required(policy, cred, via):
+            raise InvalidOtp("this authorization needs a fresh one-time password")
         return
     owner = otp.Owner(cred.user_id, cred.owner, cred.otp_seed)
     otp.verify(session, owner, code, policy, actor=actor)

@@ -30,7 +30,7 @@ from server.errors import (
 from server.hsm import Hsm
 from server.models import AuthToken
 from server.services import audit, keyuse, pin_marks, pins, tokens, users
-from server.services.keyuse import KeyOp, KeyUse
+from server.services.keyuse import KeyOp, KeyUse, Via
 from server.services.tokens import Principal
 
 REFUSED_EVENT: Final = "key.refused"
@@ -115,7 +115,7 @@ def operation(
         details |= _check_input(cred, op, data)
         if cred.slot != "9e":
             pin_marks.require(session, principal.session_id, always=cred.pin_always)
-        keyuse.check_otp(session, policy, cred, otp, actor=principal.actor)
+        keyuse.check_otp(session, policy, cred, otp, via=Via.PIV, actor=principal.actor)
         if op is KeyOp.DECRYPT:
             keyuse.spend_decryption(session, policy, cred, principal.family_id)
         result, event = _run(session, hsm, cred, op, data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi.testclient import TestClient
 from hsm_fixtures import HsmToken
+from live_server import Authenticator
 from sqlalchemy.orm import Session, sessionmaker
 
 from relay.dpop import DeviceKey, DpopAuth
@@ -32,7 +32,6 @@ from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
-from server.models import utcnow
 from server.services import tokens
 
 PASSWORD = "correct horse battery staple"
@@ -55,19 +54,13 @@ class Enrolled:
     auth: DpopAuth | None = None
     """The current session's: a DPoP proof and the access token on every request."""
     refresh_token: str | None = None
-    _last_step: int = -1
+    app: Authenticator | None = None
 
     def otp(self) -> str:
-        """A TOTP code of a time step not used yet (rule 6 accepts each step once): the current
-        step, else the next one (the server accepts one step of drift), else it waits for the
-        next step. Never the previous step: the server checks the PIN (argon2id) before the
-        OTP, and a step boundary passing meanwhile would put that code out of the window."""
-        now = self.totp.timecode(utcnow())
-        if self._last_step > now:
-            time.sleep(self.totp.interval - utcnow().timestamp() % self.totp.interval + 0.05)
-            now = self.totp.timecode(utcnow())
-        self._last_step = max(now, self._last_step + 1)
-        return self.totp.generate_otp(self._last_step)
+        """A TOTP code of a time step not used yet (:class:`live_server.Authenticator`)."""
+        if self.app is None:
+            self.app = Authenticator(self.totp)
+        return self.app.code()
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from server import cli
 from server.adminclient import AdminApiError, AdminClient
+from server.config import Policy, Settings
 
 Handler = Callable[[httpx.Request], httpx.Response]
 ENROLLED = {
@@ -222,3 +223,22 @@ def test_server_run_on_a_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.server_app, ["run", "--data", str(tmp_path / "nope")])
     assert res.exit_code == 1
     assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1
+
+
+def test_server_status_prints_the_policy(tmp_path: Path) -> None:
+    """Finding 10: whether CSC authorizations need a TOTP is a server setting, and `server
+    status` says which one is in force."""
+    settings = Settings.for_data_dir(tmp_path, db_url="postgresql://u:secret@db/cb")
+    settings.save()
+    res = CliRunner().invoke(cli.server_app, ["status", "--data", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    status = json.loads(res.stdout)
+    assert status["policy"]["csc_authorize_otp"] is True
+    assert status["policy"] == Policy().model_dump(mode="json")
+    assert "secret" not in res.stdout and status["database"] == "postgresql://u:***@db/cb"
+    settings.policy = Policy(csc_authorize_otp=False)
+    settings.save()
+    res = CliRunner().invoke(cli.server_app, ["status", "--data", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stdout.splitlines() if "csc_authorize_otp" in x)
+    assert line.split() == ["csc_authorize_otp:", "false"]

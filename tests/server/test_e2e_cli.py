@@ -18,6 +18,7 @@ import httpx
 import pyotp
 import pytest
 from live_server import (
+    Authenticator,
     LiveServer,
     ca_context,
     cardbridge,
@@ -301,10 +302,15 @@ def test_audit_verify_with_a_checkpoint_catches_cuts_and_rewrites(
 # -- PIN blocking across a restart ----------------------------------------------------------
 
 
-def _authorize(server: LiveServer, token: str, cred: str, pin: str) -> httpx.Response:
+def _authorize(
+    server: LiveServer, token: str, cred: str, pin: str, app: Authenticator | None = None
+) -> httpx.Response:
+    """credentials/authorize with the PIN, and a fresh TOTP from ``app`` (the default policy
+    needs one; a request refused for its PIN first is sent without)."""
+    otp = {"OTP": app.code()} if app is not None else {}
     return server.http.post(
         "/csc/v1/credentials/authorize",
-        json={"credentialID": cred, "numSignatures": 1, "hash": [DIGEST], "PIN": pin},
+        json={"credentialID": cred, "numSignatures": 1, "hash": [DIGEST], "PIN": pin, **otp},
         headers={"Authorization": f"Bearer {token}"},
     )
 
@@ -325,9 +331,10 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     server = harness.server
     enrollment = enroll_user(server, "bob", PASSWORD, alg="p256")
     pin, puk = enrollment["pin"], enrollment["puk"]
+    app = Authenticator(pyotp.parse_uri(enrollment["otp_uri"]))
     cred = credential_for(enrollment, "9c")
     token = _csc_token(server, "bob")
-    assert _authorize(server, token, cred, pin).status_code == 200
+    assert _authorize(server, token, cred, pin, app).status_code == 200
 
     codes = [_authorize(server, token, cred, _wrong(pin)) for _ in range(3)]
     assert [r.json()["error"] for r in codes[:2]] == ["invalid_pin", "invalid_pin"]
@@ -340,7 +347,6 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert still.json()["error"] == "pin_blocked", still.text
 
     # The PUK unblocks and sets a new PIN (SP 800-73-4 RESET RETRY COUNTER, server-side).
-    totp = pyotp.parse_uri(enrollment["otp_uri"])
     device = DeviceKey.generate()
     enrolled = server.http.post(
         "/api/v1/devices/enroll",
@@ -349,7 +355,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert enrolled.status_code == 200, enrolled.text
     login = server.http.post(
         "/api/v1/auth/login",
-        json={"username": "bob", "password": PASSWORD, "otp": totp.now()},
+        json={"username": "bob", "password": PASSWORD, "otp": app.code()},
         auth=DpopAuth(device),
     )
     assert login.status_code == 200, login.text
@@ -360,7 +366,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
         auth=DpopAuth(device, login.json()["access_token"]),
     )
     assert unblocked.is_success, unblocked.text
-    assert _authorize(server, token, cred, new_pin).status_code == 200
+    assert _authorize(server, token, cred, new_pin, app).status_code == 200
 
     # Block again; this time the administrator unblocks and hands out a new PIN.
     for _ in range(3):
@@ -368,7 +374,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert _authorize(server, token, cred, new_pin).json()["error"] == "pin_blocked"
     out = server.admin("unblock", "bob").stdout
     admin_pin = out.split("new PIN:", 1)[1].strip()
-    assert _authorize(server, token, cred, admin_pin).status_code == 200
+    assert _authorize(server, token, cred, admin_pin, app).status_code == 200
     assert server.admin("audit", "verify").returncode == 0
 
 
@@ -382,16 +388,19 @@ def test_run_with_two_workers_serves_and_stops_cleanly(tmp_path: Path) -> None:
         enrollment = enroll_user(server, "w2", PASSWORD, alg="p256")
         token = _csc_token(server, "w2")
         cred = credential_for(enrollment, "9c")
+        otp = pyotp.parse_uri(enrollment["otp_uri"]).now()
+        auth = server.http.post(
+            "/csc/v2/credentials/authorize",
+            json={"credentialID": cred, "numSignatures": 4, "hashes": [DIGEST] * 4,
+                  "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
+                  "authData": [{"id": "PIN", "value": enrollment["pin"]},
+                               {"id": "OTP", "value": otp}]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert auth.status_code == 200, auth.text
         # Several connections, so both workers' HSM sessions sign.
         for _ in range(4):
             with httpx.Client(base_url=server.url, verify=ca_context(data), timeout=60) as http:
-                auth = http.post(
-                    "/csc/v2/credentials/authorize",
-                    json={"credentialID": cred, "numSignatures": 1, "hashes": [DIGEST],
-                          "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1", "PIN": enrollment["pin"]},
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                assert auth.status_code == 200, auth.text
                 signed = http.post(
                     "/csc/v2/signatures/signHash",
                     json={"credentialID": cred, "SAD": auth.json()["SAD"], "hashes": [DIGEST],

@@ -47,7 +47,7 @@ from server.schemas import (
     CscV1Factor,
     b64encode,
 )
-from server.services import csc, tokens
+from server.services import csc, keyuse, tokens
 from server.services.keyuse import KeyUse
 
 _basic = HTTPBasic(auto_error=False, description="The user's password (CSC auth/login)")
@@ -125,11 +125,12 @@ def describe(
         SCAL="2",
         multisign=policy.multisign,
     )
+    otp = keyuse.otp_required(policy, cred, keyuse.Via.CSC)
     if version == "v1":
         info.authMode = "explicit"
         info.PIN = CscV1Factor(presence="true", format="A", label="PIN")
         info.OTP = CscV1Factor(
-            presence="true" if cred.otp_per_signature else "false",
+            presence="true" if otp else "false",
             type="offline",
             format="N",
             ID="totp",
@@ -137,7 +138,7 @@ def describe(
         )
     elif auth_info:
         objects = [CscAuthObject(type="Password", id="PIN", format="A", label="PIN")]
-        if cred.otp_per_signature:
+        if otp:
             objects.append(
                 CscAuthObject(
                     type="Password", id="OTP", format="N", generator="totp", label="TOTP"
@@ -294,15 +295,12 @@ def _router(version: Version) -> APIRouter:
 
     @router.post("/credentials/extendTransaction", response_model_exclude_none=True)
     def credentials_extend(
-        session: SessionDep,
-        settings: SettingsDep,
-        user: UserDep,
-        body: CscExtendTransactionRequest,
+        session: SessionDep, user: UserDep, body: CscExtendTransactionRequest
     ) -> CscAuthorizeResponse:
-        """A fresh SAD for what the current one has left (pinned to new hashes if given)."""
+        """A fresh SAD for what the current one has left, narrowed to some of its pinned hashes
+        if given; it expires with the original authorization."""
         grant = csc.extend_transaction(
             session,
-            settings.policy,
             user,
             credential_id=body.credentialID,
             sad_value=body.SAD,
