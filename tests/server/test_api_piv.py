@@ -284,6 +284,71 @@ def test_pin_counters_block_and_the_puk_unblocks(api: Api) -> None:
     assert api.verify_pin(user, "13571357").status_code == 200
 
 
+def test_a_pin_verification_does_not_outlive_a_block_an_unblock_or_a_puk_reset(
+    api: Api,
+) -> None:
+    """Finding 6, as an attacker whose session (a stolen device's) verified the PIN once: the
+    owner's PIN gets blocked, an administrator unblocks it, the owner resets it with the PUK;
+    after each, the attacker's session must verify the new PIN before it uses a key again."""
+    user = api.user(alg="p256")
+    attacker = api.login(user)
+    owner = api.login(user)
+    digest = hashlib.sha256(b"after the reset").digest()
+
+    def attack() -> httpx.Response:
+        return api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                               json={"digest": b64(digest)}, auth=attacker)
+
+    def verified() -> bool:
+        r = api.client.get("/api/v1/pin/status", auth=attacker)
+        return bool(r.json()["verified"])
+
+    def block() -> None:
+        for _ in range(3):
+            api.client.post("/api/v1/pin/verify", json={"pin": "00000000"}, auth=owner)
+
+    assert api.client.post("/api/v1/pin/verify", json={"pin": user.pin},
+                           auth=attacker).status_code == 200
+    assert attack().status_code == 200
+    block()
+    assert not verified()
+    r = api.client.post(f"/api/v1/admin/users/{user.name}/unblock", headers=api.admin)
+    new_pin = r.json()["pin"]
+    error(attack(), 403, "pin_required")
+
+    assert api.client.post("/api/v1/pin/verify", json={"pin": new_pin},
+                           auth=attacker).status_code == 200
+    r = api.client.post("/api/v1/pin/unblock", json={"puk": user.puk, "new_pin": "86428642"},
+                        auth=owner)
+    assert r.status_code == 204, r.text
+    assert not verified()
+    error(attack(), 403, "pin_required")
+
+
+def test_otp_per_signature_holds_on_piv_operations(api: Api) -> None:
+    """Finding 2, as an attacker with the user's device session and PIN but not their
+    authenticator: an ECDSA signature with the 9C key of an --otp-per-signature credential
+    needs a fresh TOTP on /api/v1 as on CSC (keyuse.check_otp); a reused one is refused."""
+    user = api.user(alg="p256", otp_per_signature=True)
+    api.login(user)
+    digest = hashlib.sha256(b"sole control").digest()
+    url = f"/api/v1/credentials/{user.credentials['9c']}/ecdsa"
+    api.verify_pin(user)
+    error(api.client.post(url, json={"digest": b64(digest)}, auth=user.auth), 400, "invalid_otp")
+    code = user.otp()
+    api.verify_pin(user)
+    sig = result(api.client.post(url, json={"digest": b64(digest), "otp": code}, auth=user.auth))
+    public = certs(api, user)["9c"].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    api.verify_pin(user)
+    r = api.client.post(url, json={"digest": b64(digest), "otp": code}, auth=user.auth)
+    error(r, 400, "invalid_otp")
+    # The other keys of the user keep their own policy: 9A needs no TOTP.
+    assert api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                           json={"digest": b64(digest)}, auth=user.auth).status_code == 200
+
+
 def test_piv_operations_need_the_second_factor_and_ownership(
     api: Api, ec_user: Enrolled
 ) -> None:
