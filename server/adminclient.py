@@ -116,6 +116,10 @@ class AdminClient:
         """Disable a user: no login, no key use."""
         return self._json("POST", f"/api/v1/admin/users/{_seg(name)}/disable")
 
+    def unlock_user(self, name: str) -> dict[str, Any]:
+        """Lift the user's failed-login lock."""
+        return self._json("POST", f"/api/v1/admin/users/{_seg(name)}/unlock")
+
     def enroll(self, name: str, *, alg: str, otp_per_signature: bool) -> dict[str, Any]:
         """Generate the user's keys and certificates, PIN, PUK, TOTP secret and enrollment
         code; the answer holds those secrets once."""

@@ -393,6 +393,14 @@ def user_disable(ctx: typer.Context, name: str) -> None:
     typer.echo(f"user {name} disabled")
 
 
+@user_app.command("unlock")
+def user_unlock(ctx: typer.Context, name: str) -> None:
+    """Lift NAME's failed-login lock (``login_locked`` in ``user list``) before its window
+    ends."""
+    _client(ctx).unlock_user(name)
+    typer.echo(f"user {name} unlocked")
+
+
 @admin_app.command("enroll")
 def enroll(
     ctx: typer.Context,

@@ -33,9 +33,17 @@ class Policy(BaseModel):
     pin_tries: int = Field(default=3, ge=1, le=15)
     puk_tries: int = Field(default=3, ge=1, le=15)
     otp_max_failures: int = Field(default=5, ge=1)
-    """Failed authentications (wrong passwords and one-time passwords together) a user may
-    have within ``otp_window``; further attempts are refused unchecked (rule 6)."""
+    """Wrong one-time passwords a user may give within ``otp_window`` (after a right password,
+    or in a session); further codes are refused unchecked (rule 6)."""
     otp_window: int = Field(default=5 * 60, gt=0)
+    login_address_failures: int = Field(default=20, ge=1)
+    """Failed password logins one client address may have within ``login_window``, whatever
+    the names; then its logins are answered 429 unchecked. The address is the TCP peer."""
+    login_name_failures: int = Field(default=100, ge=1)
+    """Failed password logins one user name (known or not) may have within ``login_window``,
+    from all addresses together; then its logins are answered 429 unchecked. Far above
+    ``login_address_failures``: no single client locks a user out."""
+    login_window: int = Field(default=15 * 60, gt=0)
     pin_always: bool = True
     """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""
     csc_authorize_otp: bool = True

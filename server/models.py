@@ -72,6 +72,9 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    name_key: Mapped[str] = mapped_column(String(64), unique=True)
+    """The name NFKC-normalised and case-folded: what is unique and looked up
+    (:func:`server.services.users.name_key`)."""
     email: Mapped[str | None] = mapped_column(String(254))
     upn: Mapped[str | None] = mapped_column(String(254))
     password_hash: Mapped[str | None] = mapped_column(String(255))
@@ -192,6 +195,20 @@ class DpopProof(Base):
     jti_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     """SHA-256 (hex) of the key thumbprint and the proof's ``jti``."""
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class LoginFailures(Base):
+    """Failed password logins in the current window, per source address and per user name
+    (known or not alike, so neither the answers nor the counting tell names apart)."""
+
+    __tablename__ = "login_failures"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    """``address`` or ``name``."""
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The client address, or the SHA-256 (hex) of the name key."""
+    failures: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(index=True)
 
 
 class DecryptBudget(Base):

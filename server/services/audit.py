@@ -63,6 +63,7 @@ class Event(StrEnum):
     REVOKE = "revoke"
     USER_ADD = "admin.user.add"
     USER_DISABLE = "admin.user.disable"
+    USER_UNLOCK = "admin.user.unlock"
     ADMIN_UNBLOCK = "admin.unblock"
     CERT_CSR = "admin.cert.csr"
     CERT_IMPORT = "admin.cert.import"

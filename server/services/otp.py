@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """TOTP second factor (RFC 6238 via pyotp) with replay and rate limits (DESIGN.md rule 6).
 
-A user's failed authentications, wrong one-time passwords and wrong passwords alike
-(:func:`server.services.users.authenticate_password`), share one budget: at most
-``otp_max_failures`` within ``otp_window``, counted by :func:`count_failure` in one guarded
-``UPDATE`` so parallel guesses cannot exceed it. Each OTP attempt first *reserves* a failure
-that way and a correct code gives the reservation back. A time step is accepted once per user:
-the ``UPDATE`` that records it requires ``otp_last_step < step``.
+A user's wrong one-time passwords share one budget: at most ``otp_max_failures`` within
+``otp_window``, counted by :func:`count_failure` in one guarded ``UPDATE`` so parallel guesses
+cannot exceed it. Each OTP attempt first *reserves* a failure that way and a correct code gives
+the reservation back. A time step is accepted once per user: the ``UPDATE`` that records it
+requires ``otp_last_step < step``. (Wrong passwords have budgets of their own, per client
+address and per name: :mod:`server.services.login_limits`.)
 
 The seed is the one secret the server must read back (RFC 6238 computes codes from it), so it
 is stored sealed with the HSM's AES key (``ServerKeys.seal``), bound to its user: a copy of
@@ -21,7 +21,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import quote
 
 import pyotp
-from sqlalchemy import ColumnElement, case, or_, select, update
+from sqlalchemy import ColumnElement, case, or_, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -120,7 +120,8 @@ def _has_room(policy: Policy, now: datetime) -> ColumnElement[bool]:
 def count_failure(
     session: Session, user_id: int, policy: Policy, *, now: datetime | None = None
 ) -> bool:
-    """Count one failed authentication of the user in one guarded ``UPDATE`` (caller commits).
+    """Count one wrong one-time password of the user in one guarded ``UPDATE`` (caller
+    commits).
 
     False, with nothing counted, when the budget is exhausted: the caller raises RateLimited.
     """
@@ -136,12 +137,6 @@ def count_failure(
         .execution_options(synchronize_session=False)
     )
     return affected(counted) == 1
-
-
-def may_fail(session: Session, user_id: int, policy: Policy) -> bool:
-    """Whether the user's failure budget has room now (a read; nothing is counted)."""
-    found = session.scalar(select(User.id).where(User.id == user_id, _has_room(policy, utcnow())))
-    return found is not None
 
 
 def verify(

@@ -153,10 +153,11 @@ def login(
     password: str,
     otp_code: str | None,
     *,
+    address: str,
     require_otp: bool = True,
     jkt: str | None = None,
 ) -> TokenPair:
-    """Password (+ TOTP) login; every outcome is audited.
+    """Password (+ TOTP) login from the client ``address``; every outcome is audited.
 
     With ``require_otp=False`` (CSC ``auth/login``, HTTP Basic) the OTP may be omitted and the
     session has ``second_factor=False``; an OTP given anyway is still checked. With ``jkt`` (the
@@ -165,7 +166,8 @@ def login(
 
     :raises Unauthorized: bad user name or password.
     :raises InvalidOtp: missing, wrong or reused OTP.
-    :raises RateLimited: too many failed passwords or OTPs of this user.
+    :raises RateLimited: too many failed logins from this address or for this name, or too
+        many wrong OTPs of this user.
     :raises Forbidden: ``jkt`` is not an enrolled device of the user.
     """
 
@@ -175,12 +177,13 @@ def login(
             actor=f"user:{name}",
             event=audit.Event.LOGIN_FAILED,
             subject=f"user:{name}",
-            details={"reason": reason},
+            details={"reason": reason, "address": address},
         )
         return error.recorded()
 
     try:
-        user = users.authenticate_password(session, name, password, policy=policy)
+        user = users.authenticate_password(session, name, password, policy=policy,
+                                           address=address)
     except (Unauthorized, RateLimited) as e:
         raise failed(e, "password" if isinstance(e, Unauthorized) else e.code) from None
     if otp_code is None and require_otp:
@@ -201,7 +204,11 @@ def login(
         actor=f"user:{name}",
         event=audit.Event.LOGIN_OK,
         subject=f"user:{name}",
-        details={"second_factor": otp_code is not None, "device_bound": jkt is not None},
+        details={
+            "second_factor": otp_code is not None,
+            "device_bound": jkt is not None,
+            "address": address,
+        },
     )
     return pair
 

@@ -146,6 +146,13 @@ def test_audit_checkpoint_appends_to_a_file(api: Any, tmp_path: Path) -> None:
     assert [json.loads(line) for line in path.read_text().splitlines()] == [cp, cp]
 
 
+def test_user_unlock(api: Any) -> None:
+    seen = api(lambda r: httpx.Response(200, json={"name": "bob", "login_locked": False}))
+    res = admin("user", "unlock", "bob")
+    assert res.exit_code == 0 and res.stdout == "user bob unlocked\n"
+    assert (seen[0].method, seen[0].url.path) == ("POST", "/api/v1/admin/users/bob/unlock")
+
+
 def test_unreachable_server_is_one_line(api: Any) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

@@ -38,3 +38,24 @@ def test_downgrade_and_upgrade_again(db_url: str) -> None:
         engine.dispose()
     migrate(db_url)
     command.check(cfg)
+
+
+def test_the_upgrade_keys_names_case_insensitively_and_disables_lookalikes(db_url: str) -> None:
+    """Finding 11's migration: before it, ALICE and alice could both exist. The first keeps the
+    name; the later one is disabled, its key suffixed, so the unique key can hold."""
+    cfg = alembic_config(db_url)
+    command.downgrade(cfg, "0006")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as c:
+            for user_id, name in ((1, "alice"), (2, "ALICE"), (3, "bob")):
+                c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, "
+                               "puk_retries, otp_failures) VALUES (:id, :name, false, "
+                               "'2025-01-01 00:00:00', 0, 0, 0)"), {"id": user_id, "name": name})
+        migrate(db_url)
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT id, name_key, disabled FROM users ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(1, "alice", False), (2, "alice~2", True),
+                                            (3, "bob", False)]
+    finally:
+        engine.dispose()

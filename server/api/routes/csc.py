@@ -17,12 +17,13 @@ from fastapi import Depends, Request, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import HsmDep, SessionDep, SettingsDep, proof_key
+from server.api.deps import HsmDep, SessionDep, SettingsDep, client_address, proof_key
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, UserDep
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
 from server.schemas import (
+    BasicCredentials,
     CertificatesChoice,
     CscAuthInfo,
     CscAuthObject,
@@ -198,12 +199,14 @@ def _router(version: Version) -> APIRouter:
             pair = tokens.refresh(session, settings.policy, body.refresh_token, jkt=jkt)
         else:
             assert basic is not None  # noqa: S101 -- checked above
+            credentials = BasicCredentials.checked(basic.username, basic.password)
             pair = tokens.login(
                 session,
                 settings.policy,
-                basic.username,
-                basic.password,
+                credentials.username,
+                credentials.password,
                 None,
+                address=client_address(request),
                 require_otp=False,
                 jkt=jkt,
             )

@@ -15,6 +15,7 @@ from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, PivUserDep
 from server.models import Credential, User
 from server.schemas import (
+    CredentialId,
     DeviceCredential,
     DeviceEnrollRequest,
     DeviceEnrollResponse,
@@ -119,7 +120,7 @@ def _run(
     hsm: HsmDep,
     settings: SettingsDep,
     user: Principal,
-    credential_id: str,
+    credential_id: CredentialId,
     op: KeyOp,
     data: bytes,
     otp: str | None,
@@ -136,7 +137,7 @@ def rsa_raw(
     hsm: HsmDep,
     settings: SettingsDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: RsaBlockRequest,
 ) -> ResultResponse:
     """Raw RSA on a PKCS#1 v1.5 type-1 or EMSA-PSS block of modulus length (rule 3)."""
@@ -149,7 +150,7 @@ def decrypt(
     hsm: HsmDep,
     settings: SettingsDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: RsaBlockRequest,
 ) -> ResultResponse:
     """Raw RSA decryption with the 9D key, within its decryption budget (429
@@ -164,7 +165,7 @@ def ecdsa(
     hsm: HsmDep,
     settings: SettingsDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: DigestRequest,
 ) -> ResultResponse:
     """ECDSA on a digest as long as the curve's field; DER Ecdsa-Sig-Value out."""
@@ -177,7 +178,7 @@ def eddsa(
     hsm: HsmDep,
     settings: SettingsDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: MessageRequest,
 ) -> ResultResponse:
     """Ed25519 over the whole message (RFC 8032)."""
@@ -190,7 +191,7 @@ def ecdh(
     hsm: HsmDep,
     settings: SettingsDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: PeerPointRequest,
 ) -> ResultResponse:
     """ECDH with the 9D key and the peer's uncompressed point; the shared secret out."""
