@@ -7,7 +7,9 @@ stays blocked across a restart until the PUK or an administrator unblocks it.
 from __future__ import annotations
 
 import hashlib
+import socket
 import sqlite3
+import ssl
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,6 +89,39 @@ def test_init_creates_everything_and_a_second_run_destroys_nothing(harness: Harn
     assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
     assert harness.after_second == harness.before_second
     assert "nothing to create" in harness.second_init
+
+
+def _handshake(server: LiveServer, version: ssl.TLSVersion, ciphers: str | None) -> str | None:
+    """Connect with only ``version`` (and ``ciphers``); the suite agreed on, or None."""
+    ctx = ca_context(server.data)
+    ctx.minimum_version = ctx.maximum_version = version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cipher = tls.cipher()
+            return cipher[0] if cipher else None
+    except ssl.SSLError:
+        return None
+
+
+def test_tls_offers_aead_suites_only(server: LiveServer) -> None:
+    """Finding 11: TLS 1.2 accepted CBC suites. Now TLS 1.2 with ECDHE and AES-GCM or
+    ChaCha20-Poly1305, or TLS 1.3; CBC suites and static RSA key exchange are refused."""
+    tls12 = ssl.TLSVersion.TLSv1_2
+    for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384",
+                "ECDHE-ECDSA-AES128-SHA256", "AES128-SHA", "AES256-GCM-SHA384"):
+        assert _handshake(server, tls12, cbc) is None, cbc
+    assert _handshake(server, tls12, "ECDHE-ECDSA-AES128-GCM-SHA256") == (
+        "ECDHE-ECDSA-AES128-GCM-SHA256"
+    )
+    assert _handshake(server, tls12, "ECDHE-ECDSA-CHACHA20-POLY1305") is not None
+    assert _handshake(server, tls12, None) in (
+        "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    )
+    assert _handshake(server, ssl.TLSVersion.TLSv1_3, None) is not None
 
 
 def test_user_add_list_enroll_and_audit_verify(server: LiveServer) -> None:
