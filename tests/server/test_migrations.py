@@ -59,3 +59,28 @@ def test_the_upgrade_keys_names_case_insensitively_and_disables_lookalikes(db_ur
                                             (3, "bob", False)]
     finally:
         engine.dispose()
+
+
+def test_the_upgrade_gives_existing_tokens_their_refresh_tokens_family(db_url: str) -> None:
+    """Finding 9's migration: a refresh token issued before is its own family's root; its
+    access tokens and PIN marks join it, so a reuse (or a logout) revokes them together."""
+    command.downgrade(alembic_config(db_url), "0004")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, "
+                           "puk_retries, otp_failures) VALUES (1, 'old', false, "
+                           "'2025-01-01 00:00:00', 0, 0, 0)"))
+            for token_id, kind, parent in ((10, "refresh", None), (11, "access", 10),
+                                           (12, "piv-pin", 10), (13, "admin", None)):
+                c.execute(text("INSERT INTO auth_tokens (id, token_hash, kind, user_id, "
+                               "parent_id, second_factor, created_at, revoked) VALUES (:id, "
+                               ":hash, :kind, 1, :parent, false, '2025-01-01 00:00:00', false)"),
+                          {"id": token_id, "hash": f"{token_id:064d}", "kind": kind,
+                           "parent": parent})
+        migrate(db_url)
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT id, family_id FROM auth_tokens ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(10, 10), (11, 10), (12, 10), (13, None)]
+    finally:
+        engine.dispose()
