@@ -121,3 +121,58 @@ print("checked")
     assert after["ca.pem"] == before["ca.pem"] and after["hsm-pin"] == before["hsm-pin"]
     assert after["admin-token"] != before["admin-token"]
     assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
+
+
+@pytest.mark.hsm
+def test_init_upgrades_a_data_directory_of_the_previous_release(tmp_path: Path) -> None:
+    """A data directory from before the server keys: its token lacks them, its database is at
+    revision 0002 with an audit chain and a clear TOTP seed. ``server init`` creates the keys
+    (sensitive, never extractable), seals the seed, MACs the chain; ``ServerKeys.load`` (what a
+    server process does) failed before and works after."""
+    data = tmp_path / "old"
+    init(data)
+    in_data_dir(data, """
+import pkcs11
+from alembic import command
+from sqlalchemy import text
+from server.db import alembic_config
+from server.hsm.secrets import KEYS
+command.downgrade(alembic_config(settings.db_url), "0002")
+with engine.begin() as c:
+    c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, puk_retries, "
+                   "otp_failures, otp_secret) VALUES (5, 'old', 0, '2025-01-01 00:00:00', 0, 0, "
+                   "0, 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP')"))
+hsm.close()
+token = pkcs11.lib(settings.hsm_module).get_token(token_label=settings.token_label)
+with token.open(rw=True, user_pin=settings.hsm_pin()) as s:
+    for label in KEYS:
+        for obj in s.get_objects({pkcs11.Attribute.LABEL: label}):
+            obj.destroy()
+""")
+    refused = subprocess.run(
+        [sys.executable, "-c", "import sys; from server.app import create_app; "
+         "from fastapi.testclient import TestClient; from server.config import Settings; "
+         "TestClient(create_app(Settings.load(sys.argv[1]))).__enter__()", str(data)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert refused.returncode != 0 and "run `cardbridge server init`" in refused.stderr
+    init(data)
+    checked = in_data_dir(data, """
+import pkcs11
+from server.hsm.secrets import KEYS
+from server.models import User
+from server.services import otp
+keys = ServerKeys.load(hsm)
+with session_factory(engine, keys)() as s:
+    assert audit.verify(s) is None
+    user = s.get(User, 5)
+    assert otp.open_seed(keys, 5, user.otp_seed) == 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP'
+hsm.close()
+token = pkcs11.lib(settings.hsm_module).get_token(token_label=settings.token_label)
+with token.open(user_pin=settings.hsm_pin()) as s:
+    for label in KEYS:
+        (key,) = s.get_objects({pkcs11.Attribute.LABEL: label})
+        assert key[pkcs11.Attribute.SENSITIVE] and not key[pkcs11.Attribute.EXTRACTABLE]
+print("upgraded")
+""")
+    assert checked == "upgraded\n"
