@@ -162,7 +162,7 @@ def server_status(
         return
     for key, value in status.items():
         if key != "policy":
-            typer.echo(f"{key + ':':27}{value}")
+            typer.echo(f"{key + ':':27}{value if isinstance(value, str) else json.dumps(value)}")
     typer.echo("policy:")
     for key, value in policy.items():
         typer.echo(f"  {key + ':':25}{json.dumps(value)}")
