@@ -154,7 +154,7 @@ def _router(version: Version) -> APIRouter:
     router = APIRouter(
         prefix=f"/csc/{version}",
         tags=[f"Signing (CSC {version})"],
-        responses=documented_errors(400, 401, 403, 404),
+        responses=documented_errors(400, 401, 403, 404, 429),
     )
 
     @router.post("/info", response_model_exclude_none=True)
