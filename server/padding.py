@@ -182,5 +182,5 @@ def implicit_rejection(block: bytes, kdk: bytes) -> bytes:
     source = _choose(
         conforming, int.from_bytes(block, "big"), int.from_bytes(synthetic, "big")
     ).to_bytes(k, "big")
-    ps = bytes(b % 255 + 1 for b in _irprf(kdk, b"padding", k - 3 - length))
-    return b"\x00\x02" + ps + b"\x00" + source[k - length :]
+    ps = bytes(b % 255 + 1 for b in _irprf(kdk, b"padding", k))  # all k: same work any length
+    return b"\x00\x02" + ps[: k - 3 - length] + b"\x00" + source[k - length :]
