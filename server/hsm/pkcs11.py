@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +45,7 @@ import pkcs11
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
+from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from server.algorithms import OID_ED25519, KeyAlg, hash_by_name
@@ -82,6 +84,20 @@ _CLIENT_ERRORS: Final[tuple[type[p11e.PKCS11Error], ...]] = (
 
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+class SecretKind(Enum):
+    """The server's own symmetric keys (field-notes.md: both work in SoftHSM2 through
+    python-pkcs11 with ``SENSITIVE`` true and ``EXTRACTABLE`` false)."""
+
+    HMAC = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
+    """HMAC-SHA256 (CKM_SHA256_HMAC) with a 256-bit generic secret."""
+    AES = (KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)
+    """AES-256-GCM (CKM_AES_GCM, 96-bit nonce, 128-bit tag)."""
+
+
+GCM_NONCE: Final = 12
+GCM_TAG_BITS: Final = 128
 
 
 @dataclass(frozen=True)
@@ -235,6 +251,7 @@ class _SharedSession:
         self.users = 0
         self.private: dict[str, Any] = {}
         self.public: dict[str, PublicKey] = {}
+        self.secret: dict[str, Any] = {}
 
     def reopen(self) -> None:
         """Log in on a fresh session; call with the lock held.
@@ -248,6 +265,7 @@ class _SharedSession:
         except p11e.PKCS11Error:
             log.debug("closing the lost HSM session failed", exc_info=True)
         self.private.clear()
+        self.secret.clear()
         try:
             self._login()
         except p11e.PKCS11Error as e:
@@ -538,6 +556,80 @@ class Hsm:
             raise HsmError(f"Key {ref.key_id} is not {ref.alg.value}")
         return key
 
+    # -- the server's secret keys -------------------------------------------------------------
+
+    def generate_secret_key(self, kind: SecretKind, label: str) -> None:
+        """Generate a 256-bit token secret key labelled ``label``: sensitive, never extractable
+        (rule 1), usable only for ``kind``'s operations.
+
+        :raises Conflict: a key with that label exists.
+        """
+        key_type, caps = kind.value
+        with self._session() as s:
+            if list(s.get_objects({Attribute.LABEL: label})):
+                raise Conflict(f"An HSM key labelled {label!r} already exists")
+            s.generate_key(
+                key_type,
+                256,
+                label=label,
+                store=True,
+                capabilities=caps,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.PRIVATE: True,
+                },
+            )
+        log.info("generated %s key %r", kind.name, label)
+
+    def has_secret_key(self, label: str) -> bool:
+        """Whether the token holds a secret key labelled ``label``."""
+        try:
+            with self._session() as s:
+                self._secret(s, label)
+        except NotFound:
+            return False
+        return True
+
+    def _secret(self, s: Any, label: str) -> Any:
+        cache = self._shared.secret
+        obj = cache.get(label)
+        if obj is None:
+            objs = list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                       Attribute.LABEL: label}))
+            if len(objs) != 1:
+                raise NotFound(f"No single HSM secret key labelled {label!r}")
+            obj = cache[label] = objs[0]
+        return obj
+
+    def hmac_sha256(self, label: str, data: bytes) -> bytes:
+        """HMAC-SHA256 (RFC 2104) of ``data`` with the secret key ``label``, in the HSM."""
+        with self._session() as s:
+            return bytes(self._secret(s, label).sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+    def aes_gcm_encrypt(self, label: str, nonce: bytes, aad: bytes, data: bytes) -> bytes:
+        """AES-GCM (NIST SP 800-38D) with the secret key ``label``: ciphertext ‖ 16-byte tag."""
+        param = GCMParams(nonce, aad, GCM_TAG_BITS)
+        with self._session() as s:
+            key = self._secret(s, label)
+            return bytes(key.encrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param))
+
+    def aes_gcm_decrypt(self, label: str, nonce: bytes, aad: bytes, data: bytes) -> bytes:
+        """Open what :meth:`aes_gcm_encrypt` sealed.
+
+        :raises HsmError: a wrong tag, nonce or ``aad`` (SoftHSM2 answers CKR_GENERAL_ERROR,
+            others CKR_ENCRYPTED_DATA_INVALID: both mean "not sealed by this key for this").
+        """
+        param = GCMParams(nonce, aad, GCM_TAG_BITS)
+        try:
+            with self._session() as s:
+                key = self._secret(s, label)
+                return bytes(
+                    key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+                )
+        except InvalidRequest as e:
+            raise HsmError("the sealed value does not open with this key") from e
+
     # -- operations -------------------------------------------------------------------------
 
     def rsa_raw(self, ref: KeyRef, block: bytes) -> bytes:
@@ -703,4 +795,4 @@ def _alg_of(pub: Any) -> KeyAlg:
     raise HsmError("Unsupported key type in the HSM")
 
 
-__all__ = ["Hsm", "KeyAlg", "KeyRef"]
+__all__ = ["Hsm", "KeyAlg", "KeyRef", "SecretKind"]

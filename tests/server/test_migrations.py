@@ -38,3 +38,49 @@ def test_downgrade_and_upgrade_again(db_url: str) -> None:
         engine.dispose()
     migrate(db_url)
     command.check(cfg)
+
+
+def test_the_upgrade_keys_names_case_insensitively_and_disables_lookalikes(db_url: str) -> None:
+    """Finding 11's migration: before it, ALICE and alice could both exist. The first keeps the
+    name; the later one is disabled, its key suffixed, so the unique key can hold."""
+    cfg = alembic_config(db_url)
+    command.downgrade(cfg, "0006")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as c:
+            for user_id, name in ((1, "alice"), (2, "ALICE"), (3, "bob")):
+                c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, "
+                               "puk_retries, otp_failures) VALUES (:id, :name, false, "
+                               "'2025-01-01 00:00:00', 0, 0, 0)"), {"id": user_id, "name": name})
+        migrate(db_url)
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT id, name_key, disabled FROM users ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(1, "alice", False), (2, "alice~2", True),
+                                            (3, "bob", False)]
+    finally:
+        engine.dispose()
+
+
+def test_the_upgrade_gives_existing_tokens_their_refresh_tokens_family(db_url: str) -> None:
+    """Finding 9's migration: a refresh token issued before is its own family's root; its
+    access tokens and PIN marks join it, so a reuse (or a logout) revokes them together."""
+    command.downgrade(alembic_config(db_url), "0004")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, "
+                           "puk_retries, otp_failures) VALUES (1, 'old', false, "
+                           "'2025-01-01 00:00:00', 0, 0, 0)"))
+            for token_id, kind, parent in ((10, "refresh", None), (11, "access", 10),
+                                           (12, "piv-pin", 10), (13, "admin", None)):
+                c.execute(text("INSERT INTO auth_tokens (id, token_hash, kind, user_id, "
+                               "parent_id, second_factor, created_at, revoked) VALUES (:id, "
+                               ":hash, :kind, 1, :parent, false, '2025-01-01 00:00:00', false)"),
+                          {"id": token_id, "hash": f"{token_id:064d}", "kind": kind,
+                           "parent": parent})
+        migrate(db_url)
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT id, family_id FROM auth_tokens ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(10, 10), (11, 10), (12, 10), (13, None)]
+    finally:
+        engine.dispose()
