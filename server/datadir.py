@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import inspect
+from sqlalchemy import inspect, make_url
 from sqlalchemy.orm import Session
 
 from server import ca
@@ -142,6 +142,9 @@ def _database(db_url: str, keys: ServerKeys | None = None) -> Iterator[Session]:
 def _deployment(db_url: str) -> tuple[Deployment | None, bool]:
     """The database's deployment row, and whether the database holds a deployment's records
     (read before any migration: a database made by an older release may have no row yet)."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        return None, False  # a new SQLite file: no deployment, and nothing to create yet
     engine = make_engine(db_url)
     try:
         tables = set(inspect(engine).get_table_names())
@@ -267,10 +270,9 @@ def join_data_dir(
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
-        keys = ServerKeys.load(hsm)  # the deployment's, in the shared token
-    if first:
-        with _database(settings.db_url, keys) as session:
-            deployment.joined(session, row, node=settings.node_name)
+        if first:  # the deployment's server keys are in the shared token
+            with _database(settings.db_url, ServerKeys.load(hsm)) as session:
+                deployment.joined(session, row, node=settings.node_name)
     return settings
 
 

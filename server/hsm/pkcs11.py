@@ -45,7 +45,6 @@ import pkcs11
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
-from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from server.algorithms import OID_ED25519, KeyAlg, hash_by_name
@@ -92,12 +91,6 @@ class SecretKind(Enum):
 
     HMAC = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
     """HMAC-SHA256 (CKM_SHA256_HMAC) with a 256-bit generic secret."""
-    AES = (KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)
-    """AES-256-GCM (CKM_AES_GCM, 96-bit nonce, 128-bit tag)."""
-
-
-GCM_NONCE: Final = 12
-GCM_TAG_BITS: Final = 128
 
 
 @dataclass(frozen=True)
@@ -606,29 +599,6 @@ class Hsm:
         """HMAC-SHA256 (RFC 2104) of ``data`` with the secret key ``label``, in the HSM."""
         with self._session() as s:
             return bytes(self._secret(s, label).sign(data, mechanism=Mechanism.SHA256_HMAC))
-
-    def aes_gcm_encrypt(self, label: str, nonce: bytes, aad: bytes, data: bytes) -> bytes:
-        """AES-GCM (NIST SP 800-38D) with the secret key ``label``: ciphertext ‖ 16-byte tag."""
-        param = GCMParams(nonce, aad, GCM_TAG_BITS)
-        with self._session() as s:
-            key = self._secret(s, label)
-            return bytes(key.encrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param))
-
-    def aes_gcm_decrypt(self, label: str, nonce: bytes, aad: bytes, data: bytes) -> bytes:
-        """Open what :meth:`aes_gcm_encrypt` sealed.
-
-        :raises HsmError: a wrong tag, nonce or ``aad`` (SoftHSM2 answers CKR_GENERAL_ERROR,
-            others CKR_ENCRYPTED_DATA_INVALID: both mean "not sealed by this key for this").
-        """
-        param = GCMParams(nonce, aad, GCM_TAG_BITS)
-        try:
-            with self._session() as s:
-                key = self._secret(s, label)
-                return bytes(
-                    key.decrypt(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
-                )
-        except InvalidRequest as e:
-            raise HsmError("the sealed value does not open with this key") from e
 
     # -- operations -------------------------------------------------------------------------
 

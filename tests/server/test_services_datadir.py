@@ -23,8 +23,9 @@ from cryptography import x509
 
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
+from server.hsm.secrets import ServerKeys
 from server.hsm.softhsm import SOFTHSM_MODULE
-from server.services import audit, tokens
+from server.services import tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
@@ -175,12 +176,15 @@ def test_settings_written_with_absolute_paths_still_load(tmp_path: Path) -> None
     assert raw["ca_cert"] == "ca.pem" and raw["db_url"] == "sqlite:///cardbridge.db"
 
 
-def test_init_refuses_a_database_in_use_without_a_recorded_deployment(tmp_path: Path) -> None:
+@pytest.mark.hsm
+def test_init_refuses_a_database_in_use_without_a_recorded_deployment(
+    tmp_path: Path, server_keys: ServerKeys
+) -> None:
     """A deployment set up before deployments were recorded: its audit log is not empty."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     migrate(url)
     engine = make_engine(url)
-    with unit_of_work(session_factory(engine)()) as s:
+    with unit_of_work(session_factory(engine, server_keys)()) as s:
         tokens.create_admin_token(s)
     engine.dispose()
     with pytest.raises(AssertionError, match="cardbridge server join"):
@@ -219,13 +223,13 @@ def test_a_database_holds_one_deployment_and_join_adds_nodes_to_it(tmp_path: Pat
     before = snapshot(b)
     _run("join_data_dir", b, *join, env=env)  # re-run: nothing is replaced
     assert snapshot(b) == before
-    engine = make_engine(url)
-    try:
-        with session_factory(engine)() as s:
-            events = [(r["event"], r["details"].get("node")) for r in audit.export(s)]
-            assert audit.verify(s) is None
-    finally:
-        engine.dispose()
+    out = in_data_dir(a, """
+import json
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert audit.verify(s) is None
+    print(json.dumps([(r["event"], r["details"].get("node")) for r in audit.export(s)]))
+""")
+    events = [tuple(e) for e in json.loads(out)]
     assert events.count(("server.join", "node-b")) == 1
     assert [e for e in events if e[0] == "server.init" and e[1]] == [
         ("server.init", settings_a.node_name)

@@ -210,3 +210,12 @@ def credential_for(enrollment: dict[str, Any], slot: str) -> str:
         if cred["slot"].lower() == slot:
             return str(cred["credential_id"])
     raise AssertionError(f"no credential for slot {slot} in {enrollment['credentials']}")
+
+
+def set_policy(data: Path, **values: object) -> None:
+    """Change the security policy in ``data``'s ``server.json`` (before ``server run``)."""
+    from server.config import Policy, Settings
+
+    settings = Settings.load(data)
+    settings.policy = Policy.model_validate(settings.policy.model_dump() | values)
+    settings.save()
