@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from relay.dpop import DeviceKey, DpopAuth
 from server.models import utcnow
+from server.services.dpop import b64url
 
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
@@ -504,6 +505,9 @@ def test_a_replayed_or_misbound_proof_is_refused(api: Api, ec_user: Enrolled) ->
         key.proof("GET", url, access_token=token, now=stale),
         key.proof("GET", url, access_token=token)[:-4] + "AAAA",  # a forged signature
         "not.a.jwt",
+        b64url(b"[1]") + ".e30.AAAA",  # a header that is not an object
+        b64url(b"\xff\xfe") + ".e30.AAAA",  # nor UTF-8
+        "!" + key.proof("GET", url, access_token=token),  # a signed header behind junk
     ):
         error(send(bad), 401, "invalid_dpop_proof")
     two = (key.proof("GET", url, access_token=token), key.proof("GET", url, access_token=token))
