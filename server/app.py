@@ -5,7 +5,8 @@ uvicorn worker process opens its own after the fork) unless the caller passes on
 ``app.state.hsm``; a node whose token lacks the deployment's CA key refuses to start. The
 session factory lives on ``app.state`` too; its sessions carry the server's HSM keys
 (:func:`server.db.server_keys`). Every route goes through the one request pipeline of
-:mod:`server.api.pipeline`; every response carries the request's ``X-Request-Id``.
+:mod:`server.api.pipeline`; every response carries the request's ``X-Request-Id``; every request
+is counted and timed by :class:`server.api.metrics.Metrics` (``GET /metrics``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from server import ca
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
+from server.api.metrics import Metrics
 from server.api.requestid import RequestId
-from server.api.routes import admin, audit, auth, csc, health, piv
+from server.api.routes import admin, audit, auth, csc, health, metrics, piv
 from server.config import Settings
 from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm, softhsm
 from server.hsm.pkcs11 import quiet_search_finalizers
 from server.hsm.secrets import ServerKeys
 from server.services import checkpoints, enrollment
+from server.services.hashing import token_digest
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
 """Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
@@ -102,14 +105,27 @@ def create_app(
     app.state.settings = settings
     app.state.hsm = hsm
     app.state.sessions = sessions
+    app.state.metrics_token = _metrics_token(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)
-    for module in (piv, csc, auth, health, admin, audit):  # the busiest are matched first
+    app.add_middleware(Metrics)  # outermost: it counts what the others answer too
+    for module in (piv, csc, auth, health, admin, audit, metrics):  # the busiest first
         for router in module.routers:
             app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _metrics_token(settings: Settings) -> str | None:
+    """SHA-256 (hex) of this node's metrics token, or None when its data directory has none (a
+    directory of an earlier release: only the admin token reads ``/metrics`` until ``server
+    init`` or ``server join`` runs on it again)."""
+    try:
+        token = settings.metrics_token_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return token_digest(token) if token else None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -248,13 +248,23 @@ def server_run(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve HTTPS with the TLS certificate from DIR until SIGTERM or Ctrl-C."""
+    from server.serving import metrics_dir
+
+    settings = Settings.load(data)
+    host, port = parse_bind(bind or settings.bind)
+    # The workers' metric files: set before anything imports the app (and prometheus-client).
+    with metrics_dir():
+        _serve(data, settings, host, port, workers, log_level)
+
+
+def _serve(
+    data: Path, settings: Settings, host: str, port: int, workers: int, log_level: str
+) -> None:
     import uvicorn
 
     from server.app import DATA_DIR_ENV, open_hsm
     from server.serving import PROTOCOL
 
-    settings = Settings.load(data)
-    host, port = parse_bind(bind or settings.bind)
     open_hsm(settings).close()  # a token without the deployment's CA key: one line, exit 1
     os.environ[DATA_DIR_ENV] = str(data)  # each worker's create_app() reads it
     url_file = data / SERVER_URL_FILE

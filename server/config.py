@@ -29,6 +29,7 @@ _PATHS = (
     "tls_key",
     "ca_cert",
     "admin_token_file",
+    "metrics_token_file",
     "softhsm_conf",
     "audit_checkpoint_file",
 )
@@ -96,6 +97,8 @@ class Settings(BaseModel):
     ca_key_alg: str | None = None
     """``KeyAlg`` value of the CA key; set by ``server init``."""
     admin_token_file: Path
+    metrics_token_file: Path
+    """This node's bearer token for ``GET /metrics`` (which the admin token reads too)."""
     softhsm_conf: Path | None = None
     """Set when the token is the data directory's own SoftHSM2 token."""
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
@@ -130,6 +133,7 @@ class Settings(BaseModel):
             "tls_key": "tls/server.key",
             "ca_cert": "ca.pem",
             "admin_token_file": "admin-token",
+            "metrics_token_file": "metrics-token",
             "audit_checkpoint_file": "audit-checkpoints.jsonl",
         }
         merged = {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}

@@ -16,6 +16,7 @@ own)::
     ca.pem             the built-in CA certificate (key in the HSM)
     tls/server.pem     TLS certificate issued by the CA; tls/server.key its key
     admin-token        the Administration API bearer token
+    metrics-token      this node's bearer token for GET /metrics (the admin token reads it too)
     audit-checkpoints.jsonl  signed audit checkpoints, appended by ``server run``
                        (``Settings.audit_checkpoint_file``: point it outside DIR's host)
 """
@@ -42,6 +43,7 @@ from server.hsm import Hsm, KeyRef, softhsm
 from server.hsm.secrets import ServerKeys
 from server.models import Deployment
 from server.services import deployment, enrollment, tokens
+from server.services.hashing import new_token
 
 CA_NAME = "cardbridge CA"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -206,6 +208,7 @@ def init_data_dir(
             _issue_tls(settings, hsm, ca_ref, ca_cert)
         if not settings.admin_token_file.exists():
             _create_admin_token(settings, keys)
+        _create_metrics_token(settings)
     finally:
         hsm.close()
     return settings
@@ -270,6 +273,7 @@ def join_data_dir(
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
+        _create_metrics_token(settings)
         if first:  # the deployment's server keys are in the shared token
             with _database(settings.db_url, ServerKeys.load(hsm)) as session:
                 deployment.joined(session, row, node=settings.node_name)
@@ -287,6 +291,13 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
         cert.public_bytes(serialization.Encoding.PEM)
         + ca_cert.public_bytes(serialization.Encoding.PEM)
     )
+
+
+def _create_metrics_token(settings: Settings) -> None:
+    """This node's token for ``GET /metrics``, unless it has one (an operator may put the same
+    token on every node, so that one scrape job reads them all)."""
+    if not settings.metrics_token_file.exists():
+        write_secret(settings.metrics_token_file, (new_token() + "\n").encode())
 
 
 def _create_admin_token(settings: Settings, keys: ServerKeys) -> None:

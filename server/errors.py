@@ -15,6 +15,9 @@ class ServerError(Exception):
     commit: bool = False
     """Whether the request's writes so far are committed although it fails: True for errors
     that record an attempt (a try spent, a refusal audited), which must outlive the answer."""
+    backend: str | None = None
+    """``"hsm"`` or ``"database"`` when the error is that backend's failure (the metrics
+    count these apart from the clients' mistakes)."""
 
     def __init__(self, description: str = "") -> None:
         super().__init__(description or self.code)
@@ -87,6 +90,7 @@ class HsmError(ServerError):
 
     code = "hsm_error"
     status = 502
+    backend = "hsm"
 
 
 class Unavailable(ServerError):
@@ -101,6 +105,15 @@ class Unavailable(ServerError):
 class HsmUnavailable(Unavailable):
     """The HSM cannot be reached or lost the session (a restarted network HSM, a removed
     device); the next operation logs in again."""
+
+    backend = "hsm"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached (down, restarting, a dropped connection, no free pooled
+    connection); the pool reconnects by itself."""
+
+    backend = "database"
 
 
 class PinIncorrect(ServerError):

@@ -22,8 +22,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import db
+from server.api.metrics import note_failure
 from server.api.requestid import HEADER, request_id
-from server.errors import PinIncorrect, ServerError, Unavailable
+from server.errors import DatabaseUnavailable, PinIncorrect, ServerError, Unavailable
 from server.schemas import ErrorResponse
 from server.services.dpop import ALGORITHMS
 
@@ -66,6 +67,7 @@ def error_response(
 
 def _unavailable(request: Request, exc: Unavailable, cause: str) -> JSONResponse:
     """503 with ``Retry-After``, logged as one line (an outage is expected, not a bug)."""
+    note_failure(request, exc.code, exc.backend)
     log.warning("%s [request %s]: %s", exc.code, request_id(request), cause)
     headers = {"Retry-After": str(exc.retry_after)}
     return error_response(exc.status, exc.code, exc.description, headers=headers)
@@ -78,13 +80,15 @@ def install_error_handlers(app: FastAPI) -> None:
     def server_error(request: Request, exc: ServerError) -> JSONResponse:
         if isinstance(exc, Unavailable):
             return _unavailable(request, exc, exc.description)
+        note_failure(request, exc.code, exc.backend)
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.description)
         retries = exc.retries if isinstance(exc, PinIncorrect) else None
         return error_response(exc.status, exc.code, exc.description, retries=retries)
 
     @app.exception_handler(RequestValidationError)
-    def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        note_failure(request, "invalid_request")
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
@@ -93,12 +97,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, "invalid_request", description)
 
     @app.exception_handler(StarletteHTTPException)
-    def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        note_failure(request, code)
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        note_failure(request, "server_error", "database" if isinstance(exc, _DB_ERRORS) else None)
         log.error("unexpected error [request %s]", request_id(request), exc_info=exc)
         # This answer bypasses the RequestId middleware (Starlette sends it from outside).
         headers = {HEADER: request_id(request)}
@@ -108,10 +114,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if not db.unavailable(exc):
             return unexpected(request, exc)
         cause = str(getattr(exc, "orig", None) or exc).strip().partition("\n")[0]
-        down = Unavailable("The database is unavailable; retry later")
+        down = DatabaseUnavailable("The database is unavailable; retry later")
         return _unavailable(request, down, f"database: {cause}")
 
     # Registered by class, so that Starlette's ExceptionMiddleware answers them: what only the
     # catch-all above answers is re-raised to uvicorn, which logs its traceback once more.
-    for db_error in (DBAPIError, PoolTimeout, psycopg.Error):
+    for db_error in _DB_ERRORS:
         app.add_exception_handler(db_error, database_error)
+
+
+_DB_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, psycopg.Error)

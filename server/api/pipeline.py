@@ -4,11 +4,11 @@ laid out").
 Every router is an :class:`APIRouter` of this module, so every route is a :class:`PipelineRoute`:
 
 1. **Authenticate and authorize**, before the body is read: the route's access level comes from
-   the principal dependency it declares (:data:`UserDep`, :data:`PivUserDep`, :data:`AdminDep`;
-   the same declaration puts the security scheme into the OpenAPI document). The token (and,
-   for a device-bound session, its DPoP proof, RFC 9449) is checked in the thread pool; a
-   missing, unknown or replayed credential is a 401 and a wrong kind of principal a 403,
-   whatever the body holds.
+   the principal dependency it declares (:data:`UserDep`, :data:`PivUserDep`, :data:`AdminDep`,
+   :data:`MetricsDep`; the same declaration puts the security scheme into the OpenAPI
+   document). The token (and, for a device-bound session, its DPoP proof, RFC 9449) is checked
+   in the thread pool (the metrics token without the database); a missing, unknown or
+   replayed credential is a 401 and a wrong kind of principal a 403, whatever the body holds.
 2. **Validate**: FastAPI parses the body and solves the dependencies (all of them ``async``
    and I/O-free: the session dependency connects lazily).
 3. **Act**: the endpoint runs in the thread pool (nothing that blocks runs on the event loop),
@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter as _FastApiRouter
 from fastapi import Depends, Request, Response
@@ -43,6 +44,7 @@ from server.db import unit_of_work
 from server.errors import Forbidden, Unauthorized
 from server.hsm import HSM_CLOCK, HsmClock
 from server.services import dpop, tokens
+from server.services.hashing import token_digest
 from server.services.tokens import Principal
 
 _bearer = HTTPBearer(
@@ -58,6 +60,7 @@ class Access(Enum):
     USER = "a user's access token"
     PIV = "a user's device-bound session opened with password and one-time password"
     ADMIN = "the admin token"
+    METRICS = "the node's metrics token or the admin token"
 
 
 async def _user(request: Request, _: Annotated[Any, Depends(_bearer)]) -> Principal:
@@ -75,6 +78,11 @@ async def _admin(request: Request, _: Annotated[Any, Depends(_bearer)]) -> Princ
     return principal
 
 
+async def _metrics_reader(request: Request, _: Annotated[Any, Depends(_bearer)]) -> Principal:
+    principal: Principal = request.state.principal
+    return principal
+
+
 UserDep = Annotated[Principal, Depends(_user)]
 """The caller, a user (any of their sessions)."""
 PivUserDep = Annotated[Principal, Depends(_piv_user)]
@@ -82,12 +90,19 @@ PivUserDep = Annotated[Principal, Depends(_piv_user)]
 second factor: what every PIV operation needs."""
 AdminDep = Annotated[Principal, Depends(_admin)]
 """The caller, the administrator."""
+MetricsDep = Annotated[Principal, Depends(_metrics_reader)]
+"""The caller, a metrics scraper with this node's metrics token (checked without the database,
+so that a scrape answers while the database is down), or the administrator."""
 
 _ACCESS: dict[Callable[..., Any], Access] = {
     _user: Access.USER,
     _piv_user: Access.PIV,
     _admin: Access.ADMIN,
+    _metrics_reader: Access.METRICS,
 }
+METRICS_READER: Final = Principal(
+    kind="metrics", name="metrics", user_id=None, token_id=0, second_factor=False
+)
 
 
 def _dependants(dependant: Dependant) -> Iterator[Dependant]:
@@ -125,6 +140,10 @@ def authenticate(request: Request, access: Access) -> Principal:
     :raises Forbidden: a principal of the wrong kind for ``access``.
     """
     scheme, token = _credentials(request)
+    if access is Access.METRICS and scheme == "bearer":
+        expected: str | None = request.app.state.metrics_token
+        if expected is not None and hmac.compare_digest(token_digest(token), expected):
+            return METRICS_READER
     with unit_of_work(request.app.state.sessions()) as session:
         principal = tokens.authenticate(session, token)
         if principal.jkt is not None or scheme == "dpop":
@@ -143,9 +162,9 @@ def authenticate(request: Request, access: Access) -> Principal:
 
 
 def _authorize(principal: Principal, access: Access) -> None:
-    if access is Access.ADMIN:
+    if access is Access.ADMIN or access is Access.METRICS:
         if principal.kind != "admin":
-            raise Forbidden("this operation needs the admin token")
+            raise Forbidden(f"this operation needs {access.value}")
         return
     if principal.kind == "admin":
         raise Forbidden("this operation needs a user's access token")

@@ -232,7 +232,7 @@ def sign_hash(
     :raises PinBlocked: the owner's PIN was blocked after the SAD was issued.
     """
     cred = credential(session, principal, credential_id)
-    keyuse.require_op(cred, KeyOp.SIGN_HASH)
+    keyuse.require_op(cred, KeyOp.SIGN_HASH, len(hashes))
     keyuse.refuse_blocked_pin(cred)
     plan = _sign_plan(cred.key.alg, sign_algo_oid, hash_oid, sign_algo_params)
     for digest in hashes:

@@ -25,6 +25,7 @@ from sqlalchemy import Table, bindparam, case, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from server import observe
 from server.config import Policy
 from server.db import runner
 from server.errors import DecryptionBudgetExhausted, Forbidden, InvalidOtp, NotFound, PinBlocked
@@ -46,11 +47,12 @@ class KeyOp(StrEnum):
     DECRYPT = "decrypt"
 
 
-_SIGNING: Final = frozenset({KeyOp.SIGN_HASH, KeyOp.RSA_RAW, KeyOp.ECDSA, KeyOp.EDDSA})
+SIGNING: Final = frozenset({KeyOp.SIGN_HASH, KeyOp.RSA_RAW, KeyOp.ECDSA, KeyOp.EDDSA})
+"""The operations that make a signature."""
 SLOT_OPS: Final[dict[str, frozenset[KeyOp]]] = {
-    "9a": _SIGNING,
-    "9c": _SIGNING,
-    "9e": _SIGNING,
+    "9a": SIGNING,
+    "9c": SIGNING,
+    "9e": SIGNING,
     "9d": frozenset({KeyOp.DECRYPT, KeyOp.ECDH}),
 }
 """What each slot's key may do: signing keys sign, the key-management key decrypts and agrees
@@ -126,11 +128,14 @@ def key_use(session: Session, user_id: int, credential_id: str) -> KeyUse:
     )
 
 
-def require_op(cred: KeyUse, op: KeyOp) -> None:
-    """Rule 3: refuse an operation the key's slot is not for.
+def require_op(cred: KeyUse, op: KeyOp, count: int = 1) -> None:
+    """Rule 3: refuse an operation the key's slot is not for. Every key use passes here, so
+    here the request notes what it asks (``count`` operations, e.g. a signHash batch) for the
+    metrics, whatever its outcome (:mod:`server.observe`).
 
     :raises Forbidden: e.g. a decryption with a signing key.
     """
+    observe.key_use(op, cred.key.alg.value, count)
     if op not in SLOT_OPS.get(cred.slot, frozenset()):
         raise Forbidden(f"the key in slot {cred.slot.upper()} may not be used for {op}")
 

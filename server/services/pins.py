@@ -32,6 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from server import observe
 from server.config import Policy
 from server.db import affected
 from server.errors import (
@@ -208,6 +209,8 @@ def _present(
                 details={"retries": spent},
             )
             _mirror(user, **{counter.key: spent})
+            if spent == 0:
+                observe.blocked(what.lower())
             raise wrong(spent)
     audit.append(
         session, actor=actor, event=failed_event, subject=subject, details={"blocked": True}

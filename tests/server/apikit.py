@@ -32,7 +32,7 @@ from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
-from server.services import tokens
+from server.services import hashing, tokens
 
 PASSWORD = "correct horse battery staple"
 _names = itertools.count()
@@ -71,6 +71,8 @@ class Api:
     settings: Settings
     sessions: sessionmaker[Session]
     admin: dict[str, str]
+    metrics: dict[str, str]
+    """The node's metrics token (``GET /metrics``), as a header."""
 
     def user(
         self, *, alg: str = "p256", otp_per_signature: bool = False, prefix: str = "u"
@@ -181,7 +183,10 @@ def api_fixture(
     sessions = session_factory(engine, ServerKeys.ensure(hsm))
     with unit_of_work(sessions()) as s:
         admin_token = tokens.create_admin_token(s)
+    metrics_token = hashing.new_token()
+    settings.metrics_token_file.write_text(metrics_token + "\n")
     app = create_app(settings, hsm=hsm, sessions=sessions)
     with TestClient(app, raise_server_exceptions=False) as client:
-        yield Api(client, settings, sessions, {"Authorization": f"Bearer {admin_token}"})
+        yield Api(client, settings, sessions, {"Authorization": f"Bearer {admin_token}"},
+                  {"Authorization": f"Bearer {metrics_token}"})  # fmt: skip
     engine.dispose()

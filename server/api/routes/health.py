@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter
 from server.config import Settings
-from server.errors import HsmUnavailable, Unavailable
+from server.errors import DatabaseUnavailable, HsmUnavailable, Unavailable
 from server.hsm import Hsm, KeyAlg, KeyRef
 from server.schemas import HealthResponse
 
@@ -50,8 +50,9 @@ async def readyz(request: Request) -> HealthResponse:
     hsm: Hsm | None = state.hsm
     settings: Settings = state.settings
     await asyncio.gather(
-        _within("the database", lambda: _query(sessions), state.ready_limiter),
-        _within("the HSM", lambda: _lookup_ca_key(hsm, settings), state.ready_limiter),
+        _within(DatabaseUnavailable, "the database", lambda: _query(sessions), state.ready_limiter),
+        _within(HsmUnavailable, "the HSM", lambda: _lookup_ca_key(hsm, settings),
+                state.ready_limiter),  # fmt: skip
     )
     return HealthResponse(status="ok")
 
@@ -69,14 +70,16 @@ def _lookup_ca_key(hsm: Hsm | None, settings: Settings) -> None:
     hsm.check(KeyRef(settings.ca_key_id, KeyAlg(settings.ca_key_alg)), READY_TIMEOUT)
 
 
-async def _within(what: str, check: Callable[[], None], limiter: anyio.CapacityLimiter) -> None:
+async def _within(
+    down: type[Unavailable], what: str, check: Callable[[], None], limiter: anyio.CapacityLimiter
+) -> None:
     """Run ``check`` in a readiness thread; a check still running after the timeout is left
-    behind in its thread and answered as unavailable."""
+    behind in its thread and answered as ``down`` (the backend's unavailability)."""
     try:
         with anyio.fail_after(READY_TIMEOUT):
             await anyio.to_thread.run_sync(check, limiter=limiter, abandon_on_cancel=True)
     except TimeoutError:
-        raise Unavailable(f"{what} did not answer within {READY_TIMEOUT:g} s") from None
+        raise down(f"{what} did not answer within {READY_TIMEOUT:g} s") from None
 
 
 routers = [router]
