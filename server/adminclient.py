@@ -170,9 +170,14 @@ class AdminClient:
         """A signed checkpoint of the audit chain as it is now."""
         return self._json("GET", "/api/v1/admin/audit/checkpoint")
 
-    def audit_export(self) -> Any:
-        """Every audit record, oldest first."""
-        return self._request("GET", "/api/v1/admin/audit/export").json()
+    def audit_export(
+        self, *, user: str | None = None, event: str | None = None, since: str | None = None
+    ) -> Any:
+        """The audit records, oldest first: all of them, or those of ``user``, of ``event``,
+        from ``since`` (ISO 8601) on; the server checks the filters."""
+        filters = {"user": user, "event": event, "since": since}
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", "/api/v1/admin/audit/export", params=params).json()
 
     # -- plumbing ------------------------------------------------------------------------
 

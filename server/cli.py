@@ -658,10 +658,27 @@ def audit_checkpoint(
 
 @audit_app.command("export")
 def audit_export(
-    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+    ctx: typer.Context,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Only the records NAME acted in or that are about NAME.",
+                     metavar="NAME"),
+    ] = None,
+    event: Annotated[
+        str | None,
+        typer.Option("--event", help="Only this event, e.g. sign, login.failed, key.refused.",
+                     metavar="EVENT"),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only the records from this time on: ISO 8601, e.g. "
+                     "2026-01-31T08:00:00Z (UTC without an offset).", metavar="ISO-TIME"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Print every audit record, oldest first (one JSON object per line, or --json)."""
-    records = _client(ctx).audit_export()
+    """Print the audit records, oldest first (one JSON object per line, or --json): all of
+    them, or those that match every filter given."""
+    records = _client(ctx).audit_export(user=user, event=event, since=since)
     if isinstance(records, dict) and "records" in records:
         records = records["records"]
     if as_json:

@@ -23,10 +23,11 @@ import hmac
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.db import runner, server_keys
@@ -69,6 +70,8 @@ class Event(StrEnum):
     CERT_IMPORT = "admin.cert.import"
     SERVER_INIT = "server.init"
     SERVER_JOIN = "server.join"
+    KEY_REFUSED = "key.refused"
+    """A key use refused by rule 3 or the PIN policy (:mod:`server.services.piv`)."""
 
 
 @dataclass(frozen=True)
@@ -180,11 +183,13 @@ def append(
     return seq
 
 
-def _records(session: Session, upto: int | None = None) -> Iterator[AuditRecord]:
+def _records(
+    session: Session, upto: int | None = None, where: Iterable[ColumnElement[bool]] = ()
+) -> Iterator[AuditRecord]:
     q = select(AuditRecord).order_by(AuditRecord.seq).execution_options(yield_per=1000)
     if upto is not None:
         q = q.where(AuditRecord.seq <= upto)
-    yield from session.scalars(q)
+    yield from session.scalars(q.where(*where))
 
 
 def _head(session: Session) -> tuple[int, str]:
@@ -289,9 +294,35 @@ def verify(session: Session, checkpoints: Iterable[Checkpoint] = ()) -> BadRecor
     return None
 
 
-def export(session: Session) -> Iterator[dict[str, Any]]:
-    """Every record, oldest first, as JSON-ready dicts (``details`` decoded)."""
-    for rec in _records(session):
+def export(
+    session: Session,
+    *,
+    user: str | None = None,
+    event: Event | None = None,
+    since: datetime | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The records, oldest first, as JSON-ready dicts (``details`` decoded); only those that
+    match every filter given.
+
+    :param user: a user name: the records that user acted in (``actor``) or that were about
+        them (``subject``), e.g. their logins, signatures and the administrator's enrollment of
+        them. Names are compared without regard to case, as they are unique (user names are
+        ASCII once NFKC-normalised, :data:`server.schemas.Name`).
+    :param event: one event.
+    :param since: records from this time on (a naive time is UTC).
+    """
+    where: list[ColumnElement[bool]] = []
+    if user is not None:
+        who = f"user:{user.lower()}"
+        where.append(or_(func.lower(_LOG.c.actor) == who, func.lower(_LOG.c.subject) == who))
+    if event is not None:
+        where.append(_LOG.c.event == str(event))
+    if since is not None:
+        utc = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+        # Every record's time is UTC ISO 8601 with microseconds (see :func:`append`): one width,
+        # one offset, so text order is time order.
+        where.append(_LOG.c.time >= utc.isoformat(timespec="microseconds"))
+    for rec in _records(session, where=where):
         yield {
             "seq": rec.seq,
             "time": rec.time,

@@ -11,6 +11,7 @@ with the refusal.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 from sqlalchemy.orm import Session
@@ -34,7 +35,7 @@ from server.services import audit, keyuse, pin_marks, pins, tokens, users
 from server.services.keyuse import KeyOp, KeyUse, Via
 from server.services.tokens import Principal
 
-REFUSED_EVENT: Final = "key.refused"
+REFUSED_EVENT: Final = audit.Event.KEY_REFUSED
 """Audit event of a key use refused by rule 3 or the PIN policy."""
 PIV_OPS: Final = frozenset({KeyOp.RSA_RAW, KeyOp.ECDSA, KeyOp.EDDSA, KeyOp.ECDH, KeyOp.DECRYPT})
 
@@ -140,8 +141,9 @@ def operation(
 
 def _check_input(cred: KeyUse, op: KeyOp, data: bytes) -> dict[str, str]:
     """The input checks of rule 3 and of each algorithm, before any PIN state is spent; what
-    they found, for the audit record (the digest signed, so that an operator can reconcile the
-    log with what a client received)."""
+    they found, for the audit record: what was signed, so that an operator can reconcile the
+    log with what a client received (the digest; for an EMSA-PSS block, whose digest is hashed
+    away with the salt, the SHA-256 of the block; for EdDSA that of the message)."""
     alg = cred.key.alg
     if op in (KeyOp.RSA_RAW, KeyOp.DECRYPT) and not alg.is_rsa:
         raise InvalidRequest(f"{op} needs an RSA key")
@@ -150,11 +152,15 @@ def _check_input(cred: KeyUse, op: KeyOp, data: bytes) -> dict[str, str]:
         details = {"scheme": str(block.scheme), "hash": block.hash.name}
         if block.scheme is Scheme.PKCS1V15:  # the DigestInfo's digest ends the block
             details["digest"] = b64encode(data[-block.hash.size :])
+        else:
+            details["block_sha256"] = b64encode(hashlib.sha256(data).digest())
         return details
     if op is KeyOp.ECDSA:
         if alg.curve_oid is None or len(data) != (alg.bits + 7) // 8:
             raise InvalidRequest("ECDSA needs an EC key and a digest as long as its field")
         return {"digest": b64encode(data)}
+    if op is KeyOp.EDDSA:
+        return {"message_sha256": b64encode(hashlib.sha256(data).digest())}
     return {}
 
 

@@ -7,6 +7,7 @@ stays blocked across a restart until the PUK or an administrator unblocks it.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import sqlite3
 import ssl
@@ -150,6 +151,24 @@ def test_user_add_list_enroll_and_audit_verify(server: LiveServer) -> None:
     # Secrets never reach the audit log.
     export = server.admin("audit", "export").stdout
     assert enrollment["pin"] not in export and PASSWORD not in export
+
+
+def test_audit_export_filters_by_user_event_and_time(server: LiveServer) -> None:
+    for name in ("erin", "frank"):
+        server.admin("user", "add", name, "--password-stdin", input=PASSWORD + "\n")
+    erin = server.admin_json("audit", "export", "--user", "ERIN")
+    assert [r["event"] for r in erin] == ["admin.user.add"]
+    assert erin[0]["subject"] == "user:erin"
+    since = erin[0]["time"]
+    lines = server.admin("audit", "export", "--event", "admin.user.add", "--since", since)
+    added = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [r["subject"] for r in added] == ["user:erin", "user:frank"]
+    assert server.admin_json("audit", "export", "--user", "frank", "--event", "enroll") == []
+    for bad in (["--since", "last tuesday"], ["--event", "everything"], ["--user", "a b"]):
+        res = server.admin("audit", "export", *bad, check=False)
+        assert res.returncode == 1 and res.stdout == "", res
+        assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert "(HTTP 400, invalid_request)" in res.stderr
 
 
 def test_enroll_prints_secrets_and_a_terminal_qr_code(server: LiveServer) -> None:

@@ -4,7 +4,10 @@ HSM-anchored audit log, and sign checkpoints of it (rule 7)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Annotated
 
+from fastapi import Query
 from sqlalchemy import func, select
 
 from server.api.deps import SessionDep
@@ -16,6 +19,7 @@ from server.schemas import (
     AuditRecordOut,
     AuditVerifyRequest,
     AuditVerifyResponse,
+    Name,
 )
 from server.services import audit
 
@@ -56,10 +60,29 @@ def checkpoint(session: SessionDep, _admin: AdminDep) -> AuditCheckpoint:
     return AuditCheckpoint(**vars(audit.checkpoint(session)))
 
 
-@router.get("/export")
-def export(session: SessionDep, _admin: AdminDep) -> list[AuditRecordOut]:
-    """Every record, oldest first."""
-    return [AuditRecordOut.model_validate(r) for r in audit.export(session)]
+@router.get("/export", responses=documented_errors(400))
+def export(
+    session: SessionDep,
+    _admin: AdminDep,
+    user: Annotated[
+        Name | None,
+        Query(description="Only the records this user acted in or that are about them "
+              "(case does not matter)."),
+    ] = None,
+    event: Annotated[audit.Event | None, Query(description="Only this event.")] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Only the records from this time on (ISO 8601; without an offset, "
+              "UTC)."),
+    ] = None,
+) -> list[AuditRecordOut]:
+    """The records, oldest first; with filters, those that match all of them. A bad filter
+    (an invalid user name, an unknown event, a time that is not ISO 8601) is 400
+    ``invalid_request``."""
+    return [
+        AuditRecordOut.model_validate(r)
+        for r in audit.export(session, user=user, event=event, since=since)
+    ]
 
 
 routers = [router]
