@@ -41,6 +41,7 @@ from live_server import (
     start_server,
 )
 from pgcluster import PgCluster
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from test_pyhanko_csc import PASSWORD as PDF_PASSWORD
 from test_pyhanko_csc import sign_and_validate
@@ -190,6 +191,21 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) ->
 
 def readiness(node: LiveServer) -> int:
     return node.http.get("/readyz").status_code
+
+
+def backend_errors(cluster: Cluster, backend: str) -> float:
+    """``cardbridge_backend_errors_total`` of ``backend`` answered 503, over both nodes, read
+    with each node's own metrics token (no database needed: it answers during an outage)."""
+    total = 0.0
+    for node in cluster.nodes.values():
+        token = (node.data / "metrics-token").read_text().strip()
+        r = node.http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        for family in text_string_to_metric_families(r.text):
+            total += sum(s.value for s in family.samples
+                         if s.name == "cardbridge_backend_errors_total"
+                         and s.labels == {"backend": backend, "error": "temporarily_unavailable"})
+    return total
 
 
 def assert_unavailable(resp: httpx.Response) -> None:
@@ -427,6 +443,7 @@ def test_postgresql_restart_under_a_signing_loop(cluster: Cluster) -> None:
             lb.wait_for_log(f"{name} is DOWN", since=since)
         wait_until(lambda: sum(a.started > down_at and a.status == 503 for a in loops.answers)
                    >= 2, "the loop sees the outage")  # fmt: skip
+        assert backend_errors(cluster, "database") >= 2  # scraped while the database is down
         since = lb.log_size()
         cluster.pg.start_server()
         up_at = time.monotonic()
@@ -466,12 +483,14 @@ def test_network_hsm_restart_answers_503_then_recovers(cluster: Cluster) -> None
         return sign(http, headers, cred, auth.json()["SAD"], d)
 
     assert sign_once(0).status_code == 200
+    counted = backend_errors(cluster, "hsm")
     cluster.hsm.stop()
     try:
         for n in range(1, 5):  # through both nodes
             assert_unavailable(sign_once(n))
         for node in cluster.nodes.values():
             assert_unavailable(node.http.get("/readyz"))
+        assert backend_errors(cluster, "hsm") - counted >= 4 + len(cluster.nodes)
     finally:
         cluster.hsm.start()
 
