@@ -61,25 +61,32 @@ def authorize(
     if hashes is not None and (not hashes or len(hashes) > num_signatures):
         raise InvalidRequest("the number of hashes must be between 1 and numSignatures")
     sad = new_token()
-    session.add(
-        Sad(
-            sad_hash=token_digest(sad),
-            user_id=user_id,
-            credential_id=credential_id,
-            remaining=num_signatures,
-            hashes=_b64(hashes) if hashes is not None else None,
-            hash_oid=hash_oid,
-            expires_at=utcnow() + policy.ttl("sad_ttl"),
-        )
+    row = Sad(
+        sad_hash=token_digest(sad),
+        user_id=user_id,
+        credential_id=credential_id,
+        remaining=num_signatures,
+        hashes=_b64(hashes) if hashes is not None else None,
+        hash_oid=hash_oid,
+        expires_at=utcnow() + policy.ttl("sad_ttl"),
     )
+    sad_id = _insert(session, row)
     audit.append(
         session,
         actor=actor or f"user-id:{user_id}",
         event=audit.Event.AUTHORIZE,
         subject=f"credential:{credential_id}",
-        details={"num_signatures": num_signatures, "pinned": hashes is not None},
+        details={"num_signatures": num_signatures, "pinned": hashes is not None, "sad": sad_id},
     )
     return SadGrant(sad, policy.sad_ttl)
+
+
+def _insert(session: Session, row: Sad) -> int:
+    """Add ``row`` and return its id: the audit records of authorizations and extensions name
+    the SAD as the ``sign`` records that spend it do (``"sad"``), never its value."""
+    session.add(row)
+    session.flush()
+    return row.id
 
 
 @dataclass(frozen=True)
@@ -244,22 +251,22 @@ def extend(
     if won != 1:
         raise SadInvalid("SAD already used")
     new = new_token()
-    session.add(
-        Sad(
-            sad_hash=token_digest(new),
-            user_id=user_id,
-            credential_id=credential_id,
-            remaining=remaining,
-            hashes=pinned,
-            hash_oid=oid,
-            expires_at=row.expires_at,
-        )
+    new_row = Sad(
+        sad_hash=token_digest(new),
+        user_id=user_id,
+        credential_id=credential_id,
+        remaining=remaining,
+        hashes=pinned,
+        hash_oid=oid,
+        expires_at=row.expires_at,
     )
+    new_id = _insert(session, new_row)
     audit.append(
         session,
         actor=actor or f"user-id:{user_id}",
         event=audit.Event.EXTEND,
         subject=f"credential:{credential_id}",
-        details={"num_signatures": remaining, "pinned": pinned is not None, "from_sad": row.id},
+        details={"num_signatures": remaining, "pinned": pinned is not None, "from_sad": row.id,
+                 "sad": new_id},  # fmt: skip
     )
     return SadGrant(new, max(1, int((row.expires_at - utcnow()).total_seconds())))

@@ -6,19 +6,18 @@ was signed, and for CSC the SAD."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 import pytest
-from apikit import Api, api_db_url_fixture, api_fixture, assert_error  # noqa: F401
+from apikit import Api, api_db_url_fixture, api_fixture, assert_error, b64  # noqa: F401
+from test_api_csc import SHA256_RSA, authorize, extend, sign
 from test_api_piv import op, pkcs1_block, pss_block, result
 
 URL = "/api/v1/admin/audit/export"
-SHA256 = "2.16.840.1.101.3.4.2.1"
-ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 
 
 def export(api: Api, **params: str) -> list[dict[str, Any]]:
@@ -26,10 +25,6 @@ def export(api: Api, **params: str) -> list[dict[str, Any]]:
     assert r.status_code == 200, r.text
     records: list[dict[str, Any]] = r.json()
     return records
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def test_filter_by_user_event_and_time(api: Api) -> None:
@@ -99,17 +94,18 @@ def test_each_signature_record_names_node_request_credential_and_what_was_signed
     # CSC signHash: the SAD and every digest of the batch.
     user = api.user(alg="rsa2048", prefix="exp-signer")
     h = api.csc_login(user, "v2")
-    digests = [hashlib.sha256(f"reconcile {i}".encode()).digest() for i in range(2)]
-    auth = api.client.post("/csc/v2/credentials/authorize", headers=h, json={
-        "credentialID": user.credentials["9c"], "numSignatures": 2,
-        "hashes": [b64(d) for d in digests], "hashAlgorithmOID": SHA256, "PIN": user.pin,
-        "authData": [{"id": "OTP", "value": user.otp()}]})  # fmt: skip
+    digests = [hashlib.sha256(f"reconcile {i}".encode()).digest() for i in range(3)]
+    auth = authorize(api, user, h, digests)
     assert auth.status_code == 200, auth.text
-    signed = api.client.post("/csc/v2/signatures/signHash", headers=h, json={
-        "credentialID": user.credentials["9c"], "SAD": auth.json()["SAD"],
-        "hashes": [b64(d) for d in digests], "hashAlgorithmOID": SHA256,
-        "signAlgo": "1.2.840.113549.1.1.11"})  # fmt: skip
+    sad_value = auth.json()["SAD"]
+    signed = sign(api, user, h, sad_value, digests[:2], SHA256_RSA, "v2")
     assert signed.status_code == 200, signed.text
+    # What the SAD has left moves to a new one (extendTransaction), which signs the last digest.
+    extended = extend(api, user, h, sad_value)
+    assert extended.status_code == 200, extended.text
+    extended_value = extended.json()["SAD"]
+    signed_too = sign(api, user, h, extended_value, digests[2:], SHA256_RSA, "v2")
+    assert signed_too.status_code == 200, signed_too.text
 
     # /api/v1: PKCS#1 v1.5 (its digest), PSS (the block's SHA-256), Ed25519 (the message's).
     api.login(user)
@@ -124,18 +120,35 @@ def test_each_signature_record_names_node_request_credential_and_what_was_signed
     assert api.verify_pin(ed).status_code == 200
     ed_signed = op(api, ed, "9a", "eddsa", "message", b"ssh session data")
     result(ed_signed)
+    ec = api.user(alg="p256", prefix="exp-ec")
+    api.login(ec)
+    assert api.verify_pin(ec).status_code == 200
+    ec_digest = hashlib.sha256(b"tls handshake").digest()
+    ec_signed = op(api, ec, "9a", "ecdsa", "digest", ec_digest)
+    result(ec_signed)
 
-    records = {r["details"].get("request"): r for r in export(api, event="sign")}
+    everything = export(api)
+    records = {r["details"].get("request"): r for r in everything if r["event"] == "sign"}
 
     def record(resp: Any) -> dict[str, Any]:
         rec: dict[str, Any] = records[resp.headers["X-Request-Id"]]
         assert rec["details"]["node"] == node
         return rec
 
-    csc = record(signed)
-    assert csc["subject"] == f"credential:{user.credentials['9c']}"
-    assert csc["details"]["digests"] == [b64(d) for d in digests]
-    assert isinstance(csc["details"]["sad"], int) and csc["details"]["count"] == 2
+    csc, csc_too = record(signed), record(signed_too)
+    for rec, batch in ((csc, digests[:2]), (csc_too, digests[2:])):
+        assert rec["subject"] == f"credential:{user.credentials['9c']}"
+        assert rec["details"]["digests"] == [b64(d) for d in batch]
+        assert rec["details"]["count"] == len(batch)
+    # The SAD is named by its number, which leads back to the authorization (PIN and OTP
+    # checked, by whom, when) through the extension; never by the bearer value itself.
+    sads = {r["event"]: r["details"] for r in everything
+            if r["subject"] == f"credential:{user.credentials['9c']}"}  # fmt: skip
+    assert sads["credential.authorize"]["sad"] == csc["details"]["sad"]
+    assert sads["credential.extend"]["from_sad"] == csc["details"]["sad"]
+    assert sads["credential.extend"]["sad"] == csc_too["details"]["sad"] != csc["details"]["sad"]
+    assert sad_value not in json.dumps(everything)
+    assert extended_value not in json.dumps(everything)
     rec = record(v15)
     assert rec["subject"] == f"credential:{user.credentials['9a']}"
     assert rec["details"]["digest"] == b64(hashlib.sha256(b"v1.5").digest())
@@ -145,3 +158,6 @@ def test_each_signature_record_names_node_request_credential_and_what_was_signed
     rec = record(ed_signed)
     assert rec["subject"] == f"credential:{ed.credentials['9a']}"
     assert rec["details"]["message_sha256"] == b64(hashlib.sha256(b"ssh session data").digest())
+    rec = record(ec_signed)
+    assert rec["subject"] == f"credential:{ec.credentials['9a']}"
+    assert rec["details"]["digest"] == b64(ec_digest)
