@@ -7,7 +7,6 @@ counted in test_cluster.py, with a real network HSM stopped."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -16,18 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apikit import Api, Enrolled, api_db_url_fixture, api_fixture, assert_error  # noqa: F401
+from apikit import Api, api_db_url_fixture, api_fixture, assert_error, b64  # noqa: F401
 from fastapi.testclient import TestClient
 from live_server import ca_context, enroll_user, init_data_dir, start_server
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+from test_api_csc import authorize, sign
 
 from server.api.metrics import CONTENT_TYPE
 from server.app import create_app
 from server.db import make_engine, session_factory
 
-SHA256 = "2.16.840.1.101.3.4.2.1"
-ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 SIGN_HASH = "/csc/v2/signatures/signHash"
 
 
@@ -50,10 +48,6 @@ def scrape(api: Api) -> str:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == CONTENT_TYPE
     return r.text
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 # -- who may read it ---------------------------------------------------------------------------
@@ -126,20 +120,15 @@ def test_signatures_by_endpoint_algorithm_and_outcome(api: Api) -> None:
     user = api.user(alg="p256")
     h = api.csc_login(user, "v2")
     digests = [hashlib.sha256(f"batch {i}".encode()).digest() for i in range(3)]
-    auth = api.client.post("/csc/v2/credentials/authorize", headers=h, json={
-        "credentialID": user.credentials["9c"], "numSignatures": 3,
-        "hashes": [b64(d) for d in digests], "hashAlgorithmOID": SHA256, "PIN": user.pin,
-        "authData": [{"id": "OTP", "value": user.otp()}]})  # fmt: skip
+    auth = authorize(api, user, h, digests)
     assert auth.status_code == 200, auth.text
-    body = {"credentialID": user.credentials["9c"], "SAD": auth.json()["SAD"],
-            "hashes": [b64(d) for d in digests], "hashAlgorithmOID": SHA256,
-            "signAlgo": ECDSA_SHA256}  # fmt: skip
+    sad = auth.json()["SAD"]
     sigs = "cardbridge_signatures_total"
     ok = {"endpoint": SIGN_HASH, "algorithm": "p256", "outcome": "ok"}
     replayed = {**ok, "outcome": "invalid_request"}
     before = scrape(api)
-    assert api.client.post(SIGN_HASH, json=body, headers=h).status_code == 200
-    assert_error(api.client.post(SIGN_HASH, json=body, headers=h), 400, "invalid_request")
+    assert sign(api, user, h, sad, digests, version="v2").status_code == 200
+    assert_error(sign(api, user, h, sad, digests, version="v2"), 400, "invalid_request")
     after = scrape(api)
     assert value(after, sigs, **ok) - value(before, sigs, **ok) == 3  # a batch counts each
     assert value(after, sigs, **replayed) - value(before, sigs, **replayed) == 3
