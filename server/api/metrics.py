@@ -14,8 +14,8 @@ prometheus-client, which then keeps each process's values in memory-mapped files
 scrape of ``/metrics`` (any worker) sums the files of all of them. Without that variable (one
 process, tests) the values live in this process.
 
-The cost on the signing path: a dictionary lookup and four increments of memory-mapped floats
-per request, about 10 µs (``scripts/bench-server`` and the README measure it).
+The cost on the signing path: a dictionary lookup and a few increments of memory-mapped floats
+per request, a few µs of CPU (``scripts/bench-metrics`` measures it; the README has its figures).
 """
 
 from __future__ import annotations
