@@ -81,8 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, Unavailable):
             return _unavailable(request, exc, exc.description)
         note_failure(request, exc.code, exc.backend)
-        if exc.status >= 500:
-            log.error("%s: %s", exc.code, exc.description)
+        if exc.status >= 500:  # the request id, so the line matches what the client got
+            log.error("%s [request %s]: %s", exc.code, request_id(request), exc.description)
         retries = exc.retries if isinstance(exc, PinIncorrect) else None
         return error_response(exc.status, exc.code, exc.description, retries=retries)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -16,6 +17,8 @@ import pytest
 from apikit import Api, api_db_url_fixture, api_fixture, assert_error, b64  # noqa: F401
 from test_api_csc import SHA256_RSA, authorize, extend, sign
 from test_api_piv import op, pkcs1_block, pss_block, result
+
+from server.errors import HsmError, HsmUnavailable, ServerError
 
 URL = "/api/v1/admin/audit/export"
 
@@ -161,3 +164,36 @@ def test_each_signature_record_names_node_request_credential_and_what_was_signed
     rec = record(ec_signed)
     assert rec["subject"] == f"credential:{ec.credentials['9a']}"
     assert rec["details"]["digest"] == b64(ec_digest)
+
+
+@pytest.mark.parametrize("failure", [HsmError, HsmUnavailable])
+def test_a_signature_the_hsm_fails_spends_nothing_and_writes_no_sign_record(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    failure: type[ServerError],
+) -> None:
+    """The client retries with the same SAD; the log has one line that names the failed
+    request, the audit log only the signature that was made."""
+    user = api.user(prefix="exp-hsm-failure")
+    h = api.csc_login(user, "v2")
+    d = [hashlib.sha256(b"the HSM fails this one").digest()]
+    auth = authorize(api, user, h, d)
+    assert auth.status_code == 200, auth.text
+    sad_value = auth.json()["SAD"]
+
+    def fail(*_: Any, **__: Any) -> bytes:
+        raise failure("the HSM failed [FunctionFailed]")
+
+    monkeypatch.setattr(api.client.app.state.hsm, "sign_digest", fail)  # type: ignore[attr-defined]
+    caplog.set_level(logging.WARNING, logger="server.api.errors")
+    failed = sign(api, user, h, sad_value, d, version="v2")
+    assert_error(failed, failure.status, failure.code)
+    failed_id = failed.headers["X-Request-Id"]
+    lines = [rec for rec in caplog.records if failed_id in rec.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    monkeypatch.undo()
+
+    retried = sign(api, user, h, sad_value, d, version="v2")
+    assert retried.status_code == 200, retried.text
+    signs = export(api, user=user.name, event="sign")
+    assert [r["details"]["request"] for r in signs] == [retried.headers["X-Request-Id"]]
+    assert failed_id not in json.dumps(export(api, user=user.name))
