@@ -8,7 +8,8 @@ OpenAPI document), and every protected endpoint is a sync function: its request 
 the thread pool once (nothing that blocks runs on the event loop), and there, in this order:
 
 1. **Authenticate and authorize**: the token (and, for a device-bound session, its DPoP proof,
-   RFC 9449) is checked and its proof recorded, in a unit of work of its own; a missing,
+   RFC 9449) is checked and its proof recorded, in the request's unit of work (the proof's
+   record committed at once); a missing,
    unknown or replayed credential is a 401 and a wrong kind of principal a 403, whatever the
    body holds.
 2. **Validate**: FastAPI read and parsed the body and solved the dependencies on the event loop
@@ -142,27 +143,35 @@ def _credentials(request: Request) -> tuple[str, str]:
     return scheme, token
 
 
-def authenticate(request: Request, access: Access) -> Principal:
+def authenticate(request: Request, access: Access, session: Session | None = None) -> Principal:
     """Step 1 of the pipeline, in a worker thread: who is calling, and may they call this?
+
+    It reads in ``session``, the request's own unit of work, when the endpoint has one (one
+    transaction serves the whole request), or in a unit of work of its own. A DPoP proof's
+    ``jti`` is committed as soon as it is recorded, so that a request is never replayed, even
+    one whose endpoint rolls back.
 
     :raises Unauthorized: no token, an unknown, expired or revoked one, a device-bound token
         without a valid, fresh, unused DPoP proof of its key (or sent as Bearer).
     :raises Forbidden: a principal of the wrong kind for ``access``.
     """
+    if session is None:
+        with unit_of_work(request.app.state.sessions()) as own:
+            return authenticate(request, access, own)
     scheme, token = _credentials(request)
-    with unit_of_work(request.app.state.sessions()) as session:
-        principal = tokens.authenticate(session, token)
-        if principal.jkt is not None or scheme == "dpop":
-            if scheme != "dpop" or principal.jkt is None:
-                raise Unauthorized("a device-bound token is sent with its DPoP proof")
-            dpop.check_proof(
-                session,
-                request.headers.getlist("dpop"),
-                method=request.method,
-                url=str(request.url),
-                jkt=principal.jkt,
-                access_token=token,
-            )
+    principal = tokens.authenticate(session, token)
+    if principal.jkt is not None or scheme == "dpop":
+        if scheme != "dpop" or principal.jkt is None:
+            raise Unauthorized("a device-bound token is sent with its DPoP proof")
+        dpop.check_proof(
+            session,
+            request.headers.getlist("dpop"),
+            method=request.method,
+            url=str(request.url),
+            jkt=principal.jkt,
+            access_token=token,
+        )
+        session.commit()
     _authorize(principal, access)
     return principal
 
@@ -196,21 +205,26 @@ def _act(
     (:func:`server.db.unit_of_work`), and the model it returns is encoded there too (FastAPI
     would go back to the thread pool to validate it again)."""
 
+    def authenticated(session: Session | None, kwargs: dict[str, Any]) -> None:
+        if steps.access is None:
+            return
+        request = _REQUEST.get()
+        request.state.authenticating = True
+        principal = authenticate(request, steps.access, session)
+        for name in steps.principal_params:
+            if kwargs[name] is not _PENDING:
+                raise RuntimeError(f"{name} was not left for the pipeline to fill")
+            kwargs[name] = principal
+
     @functools.wraps(endpoint)
     def act(*args: Any, **kwargs: Any) -> Any:
-        if steps.access is not None:
-            request = _REQUEST.get()
-            request.state.authenticating = True
-            principal = authenticate(request, steps.access)
-            for name in steps.principal_params:
-                if kwargs[name] is not _PENDING:
-                    raise RuntimeError(f"{name} was not left for the pipeline to fill")
-                kwargs[name] = principal
         session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
         if session is None:
+            authenticated(None, kwargs)
             result = endpoint(*args, **kwargs)
         else:
             with unit_of_work(session):
+                authenticated(session, kwargs)
                 result = endpoint(*args, **kwargs)
         if isinstance(result, BaseModel):
             return Response(
