@@ -37,7 +37,7 @@ from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyRef, softhsm
 from server.models import Deployment
-from server.services import deployment, enrollment, tokens
+from server.services import deployment, enrollment, tokens, tsa
 
 CA_NAME = "cardbridge CA"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -189,6 +189,7 @@ def init_data_dir(
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
+        _ensure_tsa(settings, hsm, ca_ref, ca_cert)
     finally:
         hsm.close()
     if not settings.admin_token_file.exists():
@@ -207,6 +208,27 @@ def _record(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certific
         if settings.ca_key_id != ca_ref.key_id:
             hsm.destroy_key(ca_ref)
         raise
+
+
+def _ensure_tsa(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+    """Give the deployment its time-stamping authority (RFC 3161) if it has none yet: a key
+    generated in the HSM and a certificate from the CA, recorded with the deployment so that
+    every node serves ``/tsa`` with it. A deployment set up before timestamps gets it when
+    ``server init`` runs on its data directory again (the upgrade)."""
+    with _database(settings.db_url) as session:
+        row = deployment.find(session)
+        if row is None or row.tsa_key_id is not None:
+            return
+        ref = hsm.generate_key(tsa.KEY_ALG, f"tsa:{secrets.token_hex(8)}", sign_only=True)
+        try:
+            cert = ca.issue_tsa_cert(
+                hsm, ca_ref, ca_cert, hsm.public_key(ref), base_url=settings.base_url
+            )
+            deployment.record_tsa(session, row, ref, cert, node=settings.node_name)
+            session.flush()
+        except BaseException:
+            hsm.destroy_key(ref)
+            raise
 
 
 def _write_ca(settings: Settings, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
@@ -263,7 +285,7 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
     _mkdir(settings.tls_cert.parent)
     _mkdir(settings.tls_key.parent)
     names = _tls_names(settings.bind, settings.public_url)
-    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, names)
+    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, names, base_url=settings.base_url)
     settings.tls_key.unlink(missing_ok=True)  # a lone key without its certificate is useless
     write_secret(settings.tls_key, key_pem)
     settings.tls_cert.write_bytes(

@@ -29,6 +29,9 @@ from server.hsm.keys import (
 pytestmark = pytest.mark.hsm
 
 
+BASE = "https://pki.example.test:8443"
+
+
 def _label(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -103,7 +106,8 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
     pub = hsm.public_key(user_keys[KeyAlg.P256])
     certs = {
         slot: ca.issue_slot_cert(hsm, ca_ref, ca_cert, slot, pub, "alice",
-                                 email="alice@example.org", upn="alice@corp.example")
+                                 email="alice@example.org", upn="alice@corp.example",
+                                 base_url=BASE)
         for slot in ca.SLOTS
     }
     for cert in certs.values():
@@ -153,7 +157,8 @@ def test_rsa_key_management_cert_uses_key_encipherment(
 ) -> None:
     ca_ref, ca_cert = ca_pair
     pub = hsm.public_key(user_keys[KeyAlg.RSA2048])
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9D", pub, "bob", email="bob@example.org")
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9D", pub, "bob", email="bob@example.org",
+                              base_url=BASE)
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.key_encipherment and not ku.key_agreement
     cert.verify_directly_issued_by(ca_cert)
@@ -166,10 +171,10 @@ def test_slot_cert_refuses_bad_slot_and_ed25519_key_management(
     ca_ref, ca_cert = ca_pair
     ed_pub = hsm.public_key(user_keys[KeyAlg.ED25519])
     with pytest.raises(InvalidRequest):
-        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9d", ed_pub, "carol")
+        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9d", ed_pub, "carol", base_url=BASE)
     with pytest.raises(InvalidRequest):
-        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "82", ed_pub, "carol")
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9c", ed_pub, "carol")
+        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "82", ed_pub, "carol", base_url=BASE)
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9c", ed_pub, "carol", base_url=BASE)
     cert.verify_directly_issued_by(ca_cert)
 
 
@@ -177,7 +182,8 @@ def test_tls_certificate_validates_as_a_server(
     hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
 ) -> None:
     ca_ref, ca_cert = ca_pair
-    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, ["localhost", "127.0.0.1"])
+    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, ["localhost", "127.0.0.1"],
+                                       base_url=BASE)
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert key.public_key() == cert.public_key()
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -187,7 +193,7 @@ def test_tls_certificate_validates_as_a_server(
     for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
         PolicyBuilder().store(store).build_server_verifier(name).verify(cert, [])
     with pytest.raises(InvalidRequest):
-        ca.issue_tls_cert(hsm, ca_ref, ca_cert, [])
+        ca.issue_tls_cert(hsm, ca_ref, ca_cert, [], base_url=BASE)
 
 
 @pytest.mark.parametrize("alg", [KeyAlg.P256, KeyAlg.RSA2048, KeyAlg.ED25519])
@@ -207,7 +213,7 @@ def test_cert_match_check_refuses_a_foreign_certificate(
 ) -> None:
     ca_ref, ca_cert = ca_pair
     pub = hsm.public_key(user_keys[KeyAlg.P256])
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9a", pub, "erin")
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9a", pub, "erin", base_url=BASE)
     ca.check_cert_matches(cert, pub)
     with pytest.raises(InvalidRequest, match="does not match"):
         ca.check_cert_matches(cert, hsm.public_key(user_keys[KeyAlg.RSA2048]))

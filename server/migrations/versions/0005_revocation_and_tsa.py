@@ -1,0 +1,61 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Revocation data and timestamps for long-term signatures: the revocation time of each
+credential (its certificate's entry on the CRL), the CA's current CRL, and the time-stamping
+authority's key and certificate in the deployment record.
+
+Credentials revoked before this revision get the time of the upgrade as their revocation time.
+
+Revision ID: 0005
+Revises: 0003
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("credentials") as batch:
+        batch.add_column(sa.Column("revoked_at", sa.DateTime(), nullable=True))
+    credentials = sa.table(
+        "credentials", sa.column("status", sa.String), sa.column("revoked_at", sa.DateTime)
+    )
+    op.execute(
+        credentials.update()
+        .where(credentials.c.status == "revoked")
+        .values(revoked_at=datetime.now(UTC).replace(tzinfo=None))
+    )
+    with op.batch_alter_table("deployment") as batch:
+        batch.add_column(sa.Column("tsa_key_id", sa.String(length=128), nullable=True))
+        batch.add_column(sa.Column("tsa_key_alg", sa.String(length=16), nullable=True))
+        batch.add_column(sa.Column("tsa_cert_pem", sa.Text(), nullable=True))
+    op.create_table(
+        "revocation_list",
+        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("number", sa.BigInteger(), nullable=False),
+        sa.Column("der", sa.LargeBinary(), nullable=False),
+        sa.Column("this_update", sa.DateTime(), nullable=False),
+        sa.Column("next_update", sa.DateTime(), nullable=False),
+        sa.Column("revoked", sa.Integer(), nullable=False),
+        sa.Column("last_revoked_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_revocation_list")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("revocation_list")
+    with op.batch_alter_table("deployment") as batch:
+        batch.drop_column("tsa_cert_pem")
+        batch.drop_column("tsa_key_alg")
+        batch.drop_column("tsa_key_id")
+    with op.batch_alter_table("credentials") as batch:
+        batch.drop_column("revoked_at")
