@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import update
 
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm.softhsm import SOFTHSM_MODULE
-from server.services import audit, tokens
+from server.models import Deployment
+from server.services import audit, deployment, tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
@@ -202,3 +205,55 @@ def test_a_database_holds_one_deployment_and_join_adds_nodes_to_it(tmp_path: Pat
     assert [e for e in events if e[0] == "server.init" and e[1]] == [
         ("server.init", settings_a.node_name)
     ]
+
+
+@pytest.mark.hsm
+def test_init_gives_the_deployment_a_tsa_and_an_upgrade_gets_one(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    init(data, "public_url='https://sign.example.org:9443'")
+    settings = Settings.load(data)
+    ca_cert = x509.load_pem_x509_certificate((data / "ca.pem").read_bytes())
+    engine = make_engine(settings.db_url)
+    try:
+        with session_factory(engine)() as s:
+            row = deployment.find(s)
+            assert row is not None and row.tsa_key_id and row.tsa_cert_pem
+            first = row.tsa_key_id
+            tsa_cert = x509.load_pem_x509_certificate(row.tsa_cert_pem.encode())
+            events = [r["event"] for r in audit.export(s)]
+        tsa_cert.verify_directly_issued_by(ca_cert)
+        eku = tsa_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
+        assert events.count("tsa.key") == 1
+        # Issued certificates name the CRL and the CA certificate under the public URL.
+        tls = x509.load_pem_x509_certificate((data / "tls/server.pem").read_bytes())
+        for cert in (tsa_cert, tls):
+            (point,) = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+            assert [n.value for n in point.full_name or []] == ["https://sign.example.org:9443/crl"]
+
+        init(data)  # re-run: the TSA is kept
+        with session_factory(engine)() as s:
+            assert (row := deployment.find(s)) is not None and row.tsa_key_id == first
+
+        # A deployment set up before timestamps existed gets its TSA from the upgrade.
+        with unit_of_work(session_factory(engine)()) as s:
+            s.execute(update(Deployment).values(tsa_key_id=None, tsa_key_alg=None,
+                                                tsa_cert_pem=None))  # fmt: skip
+        init(data)
+        with session_factory(engine)() as s:
+            row = deployment.find(s)
+            assert row is not None and row.tsa_key_id not in (None, first)
+            assert [r["event"] for r in audit.export(s)].count("tsa.key") == 2
+            assert audit.verify(s) is None
+    finally:
+        engine.dispose()
+
+
+def test_the_base_url_is_the_public_url_else_the_bind_address(tmp_path: Path) -> None:
+    assert Settings.for_data_dir(tmp_path).base_url == "https://127.0.0.1:8443"
+    assert Settings.for_data_dir(tmp_path, bind="0.0.0.0:9000").base_url == (  # noqa: S104
+        "https://127.0.0.1:9000"
+    )
+    assert Settings.for_data_dir(tmp_path, bind="[::]:9000").base_url == "https://[::1]:9000"
+    public = Settings.for_data_dir(tmp_path, public_url="https://lb.example/")
+    assert public.base_url == "https://lb.example"
