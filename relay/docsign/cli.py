@@ -199,8 +199,10 @@ def _channel(
 
 @contextmanager
 def _progress(total: int, quiet: bool) -> Iterator[Progress]:
+    """A progress bar on stderr when it is a terminal (nothing otherwise, not even a line)."""
     console = Console(stderr=True)
     columns = (TextColumn("signing"), BarColumn(), MofNCompleteColumn())
+    quiet = quiet or not console.is_terminal
     progress = Progress(*columns, console=console, transient=True, disable=quiet)
     with progress:
         progress.add_task("signing", total=total)
@@ -210,6 +212,13 @@ def _progress(total: int, quiet: bool) -> Iterator[Progress]:
 def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     for start in range(0, len(jobs), size):
         yield jobs[start : start + size]
+
+
+def _describe(error: OSError) -> str:
+    """An I/O error in one line, with what caused it (pyHanko wraps its HTTP client's)."""
+    text = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    cause = error.__cause__
+    return f"{text} ({type(cause).__name__}: {cause})" if cause else text
 
 
 async def _sign_one(
@@ -224,7 +233,7 @@ async def _sign_one(
     except RelayError as e:
         job.error = str(e)
     except OSError as e:  # writing the output, or reaching another TSA (--tsa)
-        job.error = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        job.error = _describe(e)
     except Exception as e:  # noqa: BLE001 -- one document's failure, reported
         job.error = f"unexpected error: {type(e).__name__}: {e}"
     finally:

@@ -5,19 +5,23 @@ chain and the CA's CRL (RFC 5280 §5), with the deployment's CA as the trust anc
 EN 319 102-1).
 
 The deployment's own TSA and CRL are reached over the relay's connection (the pinned CA, the
-server list with fail-over); another TSA (``--tsa URL``) through pyHanko's HTTP client.
+server list with fail-over); another TSA (``--tsa URL``) over HTTP(S) with the system's trust
+(or ``$SSL_CERT_FILE``'s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+import httpx
 from asn1crypto import cms, crl, tsp
 from asn1crypto import x509 as asn1_x509
-from pyhanko.sign.timestamps import HTTPTimeStamper, TimeStamper
+from pyhanko.sign.timestamps import TimeStamper
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 
@@ -25,6 +29,8 @@ from relay.client import ServerClient
 from relay.docsign.remote import Credential, SignError
 
 TIMESTAMP_QUERY: Final = "application/timestamp-query"
+TIMESTAMP_REPLY: Final = "application/timestamp-reply"
+TSA_TIMEOUT: Final = 10.0
 
 
 class Level(StrEnum):
@@ -47,27 +53,45 @@ class Level(StrEnum):
             raise SignError(f"unknown level {text!r} (one of {choices})") from None
 
 
-class ServerTimeStamper(TimeStamper):
-    """pyHanko's RFC 3161 client (request, nonce, response checks) over the relay's connection
-    to the deployment's ``/tsa``.
+class HttpTimeStamper(TimeStamper):
+    """pyHanko's RFC 3161 client (the request, its nonce, the checks of the answer) over the
+    relay's HTTP client.
 
-    :param client: the relay's server client.
+    :param post: sends a DER ``TimeStampReq`` (RFC 3161 §3.4) and returns the DER answer.
     """
 
-    def __init__(self, client: ServerClient) -> None:
+    def __init__(self, post: Callable[[bytes], bytes]) -> None:
         super().__init__()
-        self.client = client
+        self.post = post
 
     async def async_request_tsa_response(self, req: tsp.TimeStampReq) -> tsp.TimeStampResp:
-        der = await asyncio.to_thread(
-            self.client.fetch, "POST", "/tsa", content=req.dump(), media_type=TIMESTAMP_QUERY
-        )
-        return tsp.TimeStampResp.load(der)
+        return tsp.TimeStampResp.load(await asyncio.to_thread(self.post, req.dump()))
+
+
+def _post_to(url: str, query: bytes) -> bytes:
+    """POST a timestamp query to another TSA, trusting what the system trusts (or
+    ``$SSL_CERT_FILE``).
+
+    :raises SignError: it cannot be reached, or answers no timestamp reply.
+    """
+    try:
+        answer = httpx.post(url, content=query, headers={"Content-Type": TIMESTAMP_QUERY},
+                            timeout=TSA_TIMEOUT)  # fmt: skip
+    except httpx.HTTPError as e:
+        raise SignError(f"the TSA {url} cannot be reached: {e}") from e
+    media_type = answer.headers.get("content-type", "").partition(";")[0]
+    if answer.status_code != 200 or media_type != TIMESTAMP_REPLY:
+        raise SignError(f"the TSA {url} answered {answer.status_code} {media_type or 'nothing'}")
+    return answer.content
 
 
 def timestamper(client: ServerClient, url: str | None) -> TimeStamper:
-    """The deployment's TSA, or the one at ``url``."""
-    return ServerTimeStamper(client) if url is None else HTTPTimeStamper(url)
+    """The deployment's TSA (``/tsa`` through the pinned connection), or the one at ``url``."""
+    if url is None:
+        return HttpTimeStamper(
+            lambda query: client.fetch("POST", "/tsa", content=query, media_type=TIMESTAMP_QUERY)
+        )
+    return HttpTimeStamper(functools.partial(_post_to, url))
 
 
 @dataclass(frozen=True)

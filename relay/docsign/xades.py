@@ -54,7 +54,7 @@ def _parse(data: bytes) -> etree._ElementTree:
     try:
         return etree.parse(BytesIO(data), parser)
     except etree.XMLSyntaxError as e:
-        raise InputError(f"not XML ({e})") from e
+        raise InputError(f"not XML ({e.msg})") from e
 
 
 def _methods(credential: Credential) -> tuple[SignatureMethod, DigestAlgorithm]:
@@ -104,7 +104,8 @@ class Xades:
         tree = _parse(data)
         root = tree.getroot()
         if tree.docinfo.internalDTD is not None or tree.docinfo.externalDTD is not None:
-            raise InputError("XML with a DTD is not signed (entities would change what is signed)")
+            raise InputError("the document has a DTD, which signxml refuses (its entities could "
+                             "change what the signature covers)")  # fmt: skip
         siblings = [*root.itersiblings(preceding=True), *root.itersiblings()]
         if packaging == "detached" and any(isinstance(n, etree._ProcessingInstruction)
                                            for n in siblings):  # fmt: skip

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server import ca
@@ -115,6 +115,7 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
         assert cert.public_key() == pub
         assert cert.subject.rfc4514_string() == "CN=alice"
         assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        assert _published_at(cert) == (f"{BASE}/crl", f"{BASE}/ca.crt")
 
     def ext(slot: str, cls: type[x509.ExtensionType]) -> x509.ExtensionType:
         return certs[slot].extensions.get_extension_for_class(cls).value
@@ -149,6 +150,49 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
     verifier = PolicyBuilder().store(Store([ca_cert])).build_client_verifier()
     verified = verifier.verify(certs["9a"], [])
     assert verified.chain[-1] == ca_cert
+
+
+def _published_at(cert: x509.Certificate) -> tuple[str, str]:
+    """The CRL distribution point and the caIssuers URL a certificate names."""
+    (point,) = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert point.full_name is not None
+    (crl,) = point.full_name
+    (issuers,) = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    assert issuers.access_method == AuthorityInformationAccessOID.CA_ISSUERS
+    return crl.value, issuers.access_location.value
+
+
+def test_tsa_certificate_is_for_time_stamping_only_and_never_outlives_the_ca(
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate], user_keys: dict[KeyAlg, KeyRef]
+) -> None:
+    ca_ref, ca_cert = ca_pair
+    pub = hsm.public_key(user_keys[KeyAlg.P256])
+    cert = ca.issue_tsa_cert(hsm, ca_ref, ca_cert, pub, base_url=BASE)
+    cert.verify_directly_issued_by(ca_cert)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not (ku.content_commitment or ku.key_cert_sign)
+    assert cert.not_valid_after_utc == ca_cert.not_valid_after_utc  # capped at the CA's end
+    assert _published_at(cert) == (f"{BASE}/crl", f"{BASE}/ca.crt")
+
+
+def test_crl_lists_the_revoked_serials_and_is_signed_by_the_ca(
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
+) -> None:
+    ca_ref, ca_cert = ca_pair
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    revoked = [(11, now - dt.timedelta(days=1)), (12, now)]
+    crl = ca.build_crl(hsm, ca_ref, ca_cert, number=7, revoked=revoked, this_update=now,
+                       next_update=now + dt.timedelta(days=7))  # fmt: skip
+    assert crl.is_signature_valid(ca_cert.public_key())
+    assert crl.issuer == ca_cert.subject
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert [(r.serial_number, r.revocation_date_utc) for r in crl] == revoked
+    assert crl.next_update_utc == now + dt.timedelta(days=7)
 
 
 def test_rsa_key_management_cert_uses_key_encipherment(

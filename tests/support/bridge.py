@@ -67,16 +67,22 @@ class RemoteCard:
                 "CARDBRIDGE_CONFIG": str(self.path)}  # fmt: skip
 
     def cli(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``cardbridge ARGS`` as this workstation's user (its config and runtime dirs)."""
+        """``cardbridge ARGS`` as this workstation's user (its config and runtime dirs), with
+        ``env`` added to the environment."""
         proc = subprocess.run(
             [CARDBRIDGE, *args],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=self.run_env(),
+            env={**self.run_env(), **(env or {})},
             check=False,
         )
         if check and proc.returncode != 0:
@@ -89,6 +95,18 @@ class RemoteCard:
     def login(self, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cli("card", "login", "--password-stdin", "--otp", self.otp(),
                         input=PASSWORD + "\n", check=check)  # fmt: skip
+
+    def sign(self, *args: str, ok: bool = True) -> dict[str, Any]:
+        """``cardbridge sign ARGS --json`` with this user's PIN (``--pin-file``), a fresh TOTP
+        and, for a login of its own, the password on stdin; its report, and it exits 0 exactly
+        when ``ok``."""
+        pin = self.path.parent / "pin"
+        pin.write_text(self.pin + "\n")
+        secrets = ["--pin-file", str(pin), "--password-stdin", "--otp", self.otp()]
+        proc = self.cli("sign", *args, *secrets, "--json", input=PASSWORD + "\n", check=False)
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+        report: dict[str, Any] = json.loads(proc.stdout)
+        return report
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.cli("card", "status", "--json").stdout)
