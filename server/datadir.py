@@ -152,8 +152,8 @@ def init_data_dir(
     node_name: str | None = None,
 ) -> Settings:
     """Create whatever DIR lacks: settings, database (migrated), HSM token, CA (recorded as the
-    database's deployment), TLS certificate, admin token. Idempotent: what exists is kept as it
-    is.
+    database's deployment), TLS certificate, the time-stamping authority (recorded with the
+    deployment), admin token. Idempotent: what exists is kept as it is.
 
     :param hsm_module: any PKCS#11 module; then ``token_label`` and ``hsm_pin_file`` name an
         existing token. Without it a SoftHSM2 token is created in DIR.
