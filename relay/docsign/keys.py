@@ -56,8 +56,7 @@ class _RemoteKey:
     def __init__(self, participant: Participant, loop: asyncio.AbstractEventLoop) -> None:
         self.participant = participant
         self.loop = loop
-        public = load_der_public_key(participant.credential.certificate.public_key.dump())
-        self._public = public
+        self._public = load_der_public_key(participant.credential.certificate.public_key.dump())
 
     def _sign(self, data: Buffer, algorithm: Any) -> bytes:
         if not isinstance(algorithm, hashes.HashAlgorithm):

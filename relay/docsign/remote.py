@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 CSC_TIMEOUT: Final = 60.0
 """Seconds the running card may take over one CSC request (a batch signed in the HSM)."""
-SIGNING_METHODS: Final = ("credentials/info", "credentials/authorize", "signatures/signHash")
 
 
 class SignError(RelayError):

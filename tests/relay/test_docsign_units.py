@@ -12,6 +12,8 @@ import threading
 from typing import Any
 
 import pytest
+from asn1crypto import crl as asn1_crl
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from relay.client import ServerRefused
 from relay.docsign.keys import RemoteEcKey, remote_key
-from relay.docsign.longterm import Level
+from relay.docsign.longterm import Level, ValidationData
 from relay.docsign.remote import Batch, Credential, SignError
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -159,3 +161,48 @@ def test_levels_parse_case_blind_and_refuse_others() -> None:
     assert Level.parse("b-lt") is Level.B_LT
     with pytest.raises(SignError, match=r"unknown level 'B-LTA' \(one of B-B, B-T, B-LT\)"):
         Level.parse("B-LTA")
+
+
+def test_long_term_data_is_refused_for_a_certificate_its_crl_revokes() -> None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(7)
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=9))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder().subject_name(CERT.subject).issuer_name(ca_name)
+        .public_key(KEY.public_key()).serial_number(8)
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False, False),
+                       critical=True)
+        .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier("https://unit.invalid/crl")], None, None, None)]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+
+    def crl(*revoked: int) -> asn1_crl.CertificateList:
+        builder = (
+            x509.CertificateRevocationListBuilder().issuer_name(ca_name)
+            .last_update(now - dt.timedelta(minutes=1)).next_update(now + dt.timedelta(days=1))
+        )  # fmt: skip
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(now - dt.timedelta(minutes=1)).build()
+            )  # fmt: skip
+        der = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        return asn1_crl.CertificateList.load(der)
+
+    def der(cert: x509.Certificate) -> asn1_x509.Certificate:
+        return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+    credential = Credential("c", (der(leaf), der(ca_cert)), "sha256", "sha256_ecdsa", 1)
+    asyncio.run(ValidationData(der(ca_cert), (crl(),)).check_signer(credential))
+    with pytest.raises(SignError, match="the certificate of Common Name: unit does not validate"):
+        asyncio.run(ValidationData(der(ca_cert), (crl(8),)).check_signer(credential))
