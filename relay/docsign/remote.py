@@ -245,10 +245,11 @@ class Batch:
         digests = [d for d, _ in self._waiting]
         try:
             signatures = await asyncio.to_thread(self._sign, digests)
-        except RelayError as e:
-            self.failure = e
+        except Exception as e:  # noqa: BLE001 -- every waiting document must hear of it
+            failure = e if isinstance(e, RelayError) else SignError(f"{type(e).__name__}: {e}")
+            self.failure = failure
             for _, future in self._waiting:
-                future.set_exception(SignError(str(e)))
+                future.set_exception(SignError(str(failure)))
             return
         for (_, future), signature in zip(self._waiting, signatures, strict=True):
             future.set_result(signature)

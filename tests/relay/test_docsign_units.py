@@ -123,6 +123,25 @@ def test_a_refused_authorization_fails_every_document_of_the_batch() -> None:
     assert "signatures/signHash" not in [m for m, _ in channel.calls]
 
 
+def test_a_broken_answer_fails_the_batch_instead_of_leaving_it_waiting() -> None:
+    class Broken(Channel):
+        def csc(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            if method == "signatures/signHash":
+                raise ValueError("garbled answer")  # a bug anywhere below the batch
+            return super().csc(method, body)
+
+    channel = Broken()
+    credential = Credential.describe(channel, "cred-1")
+    batch = Batch(channel, credential, "1", "2", participants=1)
+
+    async def run() -> bytes:
+        return await asyncio.wait_for(batch.participant().sign(credential.hash(b"x")), 10)
+
+    with pytest.raises(SignError, match="ValueError: garbled answer"):
+        asyncio.run(run())
+    assert isinstance(batch.failure, SignError)
+
+
 def test_a_batch_whose_documents_all_left_asks_nothing() -> None:
     channel = Channel()
     batch = Batch(channel, Credential.describe(channel, "c"), "1", "2", participants=2)
