@@ -116,6 +116,10 @@ class AdminClient:
         """Disable a user: no login, no key use."""
         return self._json("POST", f"/api/v1/admin/users/{_seg(name)}/disable")
 
+    def unlock_user(self, name: str) -> dict[str, Any]:
+        """Lift the user's failed-login lock."""
+        return self._json("POST", f"/api/v1/admin/users/{_seg(name)}/unlock")
+
     def enroll(self, name: str, *, alg: str, otp_per_signature: bool) -> dict[str, Any]:
         """Generate the user's keys and certificates, PIN, PUK, TOTP secret and enrollment
         code; the answer holds those secrets once."""
@@ -153,9 +157,18 @@ class AdminClient:
 
     # -- audit ---------------------------------------------------------------------------
 
-    def audit_verify(self) -> dict[str, Any]:
-        """Check the audit hash chain; the answer names the first bad record, if any."""
+    def audit_verify(self, checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Check the audit hash chain (against ``checkpoints`` exported earlier, if given); the
+        answer names the first bad record, if any."""
+        if checkpoints:
+            return self._json(
+                "POST", "/api/v1/admin/audit/verify", json={"checkpoints": checkpoints}
+            )
         return self._json("GET", "/api/v1/admin/audit/verify")
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        """A signed checkpoint of the audit chain as it is now."""
+        return self._json("GET", "/api/v1/admin/audit/checkpoint")
 
     def audit_export(self) -> Any:
         """Every audit record, oldest first."""

@@ -3,8 +3,9 @@
 ``create_app(settings)`` builds the app; the HSM session is opened in the lifespan (so each
 uvicorn worker process opens its own after the fork) unless the caller passes one, and lives on
 ``app.state.hsm``; a node whose token lacks the deployment's CA key refuses to start. The
-session factory lives on ``app.state`` too. Every route goes through the one request pipeline
-of :mod:`server.api.pipeline`; every response carries the request's ``X-Request-Id``.
+session factory lives on ``app.state`` too; its sessions carry the server's HSM keys
+(:func:`server.db.server_keys`). Every route goes through the one request pipeline of
+:mod:`server.api.pipeline`; every response carries the request's ``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from server.api.limits import BodyLimit
 from server.api.requestid import RequestId
 from server.api.routes import admin, audit, auth, csc, health, piv, pki
 from server.config import Settings
-from server.db import make_engine, session_factory
+from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm, softhsm
 from server.hsm.pkcs11 import quiet_search_finalizers
-from server.services import enrollment
+from server.hsm.secrets import ServerKeys
+from server.services import checkpoints, enrollment
 
 DATA_DIR_ENV = "CARDBRIDGE_DATA"
 """Names the data directory when ``create_app`` is called without settings (uvicorn factory)."""
@@ -81,7 +83,9 @@ def create_app(
             opened = open_hsm(resolved)
             app.state.hsm = opened
         try:
-            yield
+            bind_keys(app.state.sessions, ServerKeys.load(app.state.hsm))
+            async with checkpoints.exporting(app.state.sessions, resolved):
+                yield
         finally:
             if opened is not None:
                 app.state.hsm = None

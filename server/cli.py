@@ -204,6 +204,38 @@ def _report(data: Path, settings: Settings, before: set[str]) -> None:
         typer.echo("nothing to create: the data directory was already complete")
 
 
+@server_app.command("status")
+def server_status(
+    data: DataOpt, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Print the data directory's configuration and the security policy the server enforces
+    (``policy`` in DIR/server.json), e.g. whether CSC authorizations need a TOTP."""
+    from sqlalchemy import make_url
+
+    settings = Settings.load(data)
+    policy = settings.policy.model_dump(mode="json")
+    status: dict[str, Any] = {
+        "data_dir": str(settings.data_dir),
+        "database": make_url(settings.db_url).render_as_string(hide_password=True),
+        "hsm_module": settings.hsm_module,
+        "token_label": settings.token_label,
+        "bind": settings.bind,
+        "audit_checkpoint_file": str(settings.audit_checkpoint_file),
+        "audit_checkpoint_syslog": settings.audit_checkpoint_syslog,
+        "audit_checkpoint_interval": settings.audit_checkpoint_interval,
+        "policy": policy,
+    }
+    if as_json:
+        _print_json(status)
+        return
+    for key, value in status.items():
+        if key != "policy":
+            typer.echo(f"{key + ':':27}{value if isinstance(value, str) else json.dumps(value)}")
+    typer.echo("policy:")
+    for key, value in policy.items():
+        typer.echo(f"  {key + ':':25}{json.dumps(value)}")
+
+
 @server_app.command("run")
 def server_run(
     data: DataOpt,
@@ -240,6 +272,7 @@ def server_run(
             workers=workers,
             ssl_certfile=str(settings.tls_cert),
             ssl_keyfile=str(settings.tls_key),
+            ssl_ciphers=TLS12_CIPHERS,
             log_level=log_level,
             http=PROTOCOL,
             proxy_headers=False,
@@ -256,6 +289,12 @@ def server_run(
         )
     finally:
         url_file.unlink(missing_ok=True)
+
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""The TLS 1.2 suites ``server run`` offers: forward secret (authenticated ECDHE) and AEAD only,
+no CBC (RFC 9325 §4.2); Python's server context accepts nothing older than TLS 1.2, and TLS 1.3
+suites are all AEAD."""
 
 
 def _exit_after_shutdown(signum: int, frame: object) -> None:
@@ -424,6 +463,14 @@ def user_disable(ctx: typer.Context, name: str) -> None:
     typer.echo(f"user {name} disabled")
 
 
+@user_app.command("unlock")
+def user_unlock(ctx: typer.Context, name: str) -> None:
+    """Lift NAME's failed-login lock (``login_locked`` in ``user list``) before its window
+    ends."""
+    _client(ctx).unlock_user(name)
+    typer.echo(f"user {name} unlocked")
+
+
 @admin_app.command("enroll")
 def enroll(
     ctx: typer.Context,
@@ -527,15 +574,68 @@ def _as_pem_certificate(raw: bytes) -> str:
     return cert.public_bytes(Encoding.PEM).decode()
 
 
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="A file of signed checkpoints (the server's audit-checkpoints.jsonl, or what "
+        "`audit checkpoint --append` wrote): the chain must still hold the latest one.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context) -> None:
-    """Check the audit log's hash chain; exit 1 and name the first bad record if broken."""
-    result = _client(ctx).audit_verify()
+def audit_verify(ctx: typer.Context, checkpoint: CheckpointOpt = None) -> None:
+    """Check the audit log's hash chain and HSM MACs (and, with --checkpoint, that it was not
+    cut back or wiped since); exit 1 and name the first bad record if broken."""
+    checkpoints = [latest_checkpoint(checkpoint)] if checkpoint is not None else None
+    result = _client(ctx).audit_verify(checkpoints)
     if result.get("ok"):
-        typer.echo(f"audit log OK: {result.get('records')} records")
+        against = f", checkpoint {checkpoints[0]['seq']} held" if checkpoints else ""
+        typer.echo(f"audit log OK: {result.get('records')} records{against}")
         return
     reason = result.get("reason") or "broken"
     raise CliError(f"audit log BROKEN at record {result.get('first_bad')}: {reason}")
+
+
+def latest_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint of ``path`` (JSON lines) with the highest seq: it covers every record
+    before it (the chain links them)."""
+    found: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            cp = json.loads(line)
+            int(cp["seq"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CliError(f"{path}:{number}: not a checkpoint") from e
+        found.append(cp)
+    if not found:
+        raise CliError(f"{path} holds no checkpoint")
+    return max(found, key=lambda cp: int(cp["seq"]))
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    ctx: typer.Context,
+    append: Annotated[
+        Path | None,
+        typer.Option("--append", help="Append it to this file (default: print it).",
+                     dir_okay=False),
+    ] = None,
+) -> None:
+    """Get a checkpoint of the audit chain signed by the server's HSM, to keep outside the
+    database."""
+    line = json.dumps(_client(ctx).audit_checkpoint(), sort_keys=True, separators=(",", ":"))
+    if append is None:
+        typer.echo(line)
+        return
+    with append.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    typer.echo(f"checkpoint appended to {append}")
 
 
 @audit_app.command("export")

@@ -23,7 +23,15 @@ SETTINGS_FILE = "server.json"
 DB_FILE = "cardbridge.db"
 DEFAULT_HSM_LABEL = "cardbridge"
 DEFAULT_BIND = "127.0.0.1:8443"
-_PATHS = ("hsm_pin_file", "tls_cert", "tls_key", "ca_cert", "admin_token_file", "softhsm_conf")
+_PATHS = (
+    "hsm_pin_file",
+    "tls_cert",
+    "tls_key",
+    "ca_cert",
+    "admin_token_file",
+    "softhsm_conf",
+    "audit_checkpoint_file",
+)
 """The fields that name files; stored relative to the data directory when inside it."""
 _SQLITE = "sqlite:///"
 
@@ -49,13 +57,29 @@ class Policy(BaseModel):
     pin_tries: int = Field(default=3, ge=1, le=15)
     puk_tries: int = Field(default=3, ge=1, le=15)
     otp_max_failures: int = Field(default=5, ge=1)
-    """Failed authentications (wrong passwords and one-time passwords together) a user may
-    have within ``otp_window``; further attempts are refused unchecked (rule 6)."""
+    """Wrong one-time passwords a user may give within ``otp_window`` (after a right password,
+    or in a session); further codes are refused unchecked (rule 6)."""
     otp_window: int = Field(default=5 * 60, gt=0)
+    login_address_failures: int = Field(default=20, ge=1)
+    """Failed password logins one client address may have within ``login_window``, whatever
+    the names; then its logins are answered 429 unchecked. The address is the TCP peer."""
+    login_name_failures: int = Field(default=100, ge=1)
+    """Failed password logins one user name (known or not) may have within ``login_window``,
+    from all addresses together; then its logins are answered 429 unchecked. Far above
+    ``login_address_failures``: no single client locks a user out."""
+    login_window: int = Field(default=15 * 60, gt=0)
     pin_always: bool = True
     """Slot 9C needs the PIN before every signature (SP 800-73-4 PIN policy "always")."""
+    csc_authorize_otp: bool = True
+    """CSC ``credentials/authorize`` needs a fresh TOTP beside the PIN for every credential:
+    CSC ``auth/login`` takes the password alone, so without it CSC signing would rest on two
+    things the user knows. False: only credentials enrolled ``--otp-per-signature`` ask."""
     multisign: int = Field(default=16, ge=1)
     """Most signatures one SAD may authorize (CSC ``multisign``)."""
+    decrypt_budget: int = Field(default=256, ge=1)
+    """RSA decryptions one key may do for one login (across its refreshes) within
+    ``decrypt_window``; past it the answer is 429 ``decryption_budget_exhausted``, audited."""
+    decrypt_window: int = Field(default=3600, gt=0)
     tsa_per_minute: int = Field(default=600, ge=1)
     """Timestamps one client address may get from ``/tsa`` per minute and server process (the
     endpoint is public and every timestamp is audited)."""
@@ -94,6 +118,13 @@ class Settings(BaseModel):
     behind a lock: more threads would only queue there and contend for the interpreter."""
     public_url: str | None = None
     """The URL clients use (e.g. the load balancer's); its host is in the TLS certificate."""
+    audit_checkpoint_file: Path
+    """Where each server process appends signed audit checkpoints (JSON lines); keep it, or a
+    copy, out of reach of whoever can write the database (rule 7)."""
+    audit_checkpoint_syslog: bool = False
+    """Send each checkpoint to syslog (facility AUTH) too, e.g. to a remote log host."""
+    audit_checkpoint_interval: int = Field(default=300, gt=0)
+    """Seconds between checkpoints while the audit chain grows."""
     policy: Policy = Field(default_factory=Policy)
 
     @model_validator(mode="before")
@@ -111,6 +142,7 @@ class Settings(BaseModel):
             "tls_key": "tls/server.key",
             "ca_cert": "ca.pem",
             "admin_token_file": "admin-token",
+            "audit_checkpoint_file": "audit-checkpoints.jsonl",
         }
         merged = {**defaults, **{k: v for k, v in raw.items() if v is not None}, "data_dir": d}
         for name in _PATHS:

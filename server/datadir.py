@@ -16,6 +16,8 @@ own)::
     ca.pem             the built-in CA certificate (key in the HSM)
     tls/server.pem     TLS certificate issued by the CA; tls/server.key its key
     admin-token        the Administration API bearer token
+    audit-checkpoints.jsonl  signed audit checkpoints, appended by ``server run``
+                       (``Settings.audit_checkpoint_file``: point it outside DIR's host)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import inspect, make_url
 from sqlalchemy.orm import Session
 
 from server import ca
@@ -36,6 +39,7 @@ from server.config import SETTINGS_FILE, Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyRef, softhsm
+from server.hsm.secrets import ServerKeys
 from server.models import Deployment
 from server.services import deployment, enrollment, tokens, tsa
 
@@ -125,20 +129,32 @@ def _open_hsm(settings: Settings) -> Hsm:
 
 
 @contextmanager
-def _database(db_url: str) -> Iterator[Session]:
-    """One unit of work on ``db_url``, on an engine of its own."""
+def _database(db_url: str, keys: ServerKeys | None = None) -> Iterator[Session]:
+    """One unit of work on ``db_url``, on an engine of its own, with the server's HSM keys."""
     engine = make_engine(db_url)
     try:
-        with unit_of_work(session_factory(engine)()) as session:
+        with unit_of_work(session_factory(engine, keys)()) as session:
             yield session
     finally:
         engine.dispose()
 
 
 def _deployment(db_url: str) -> tuple[Deployment | None, bool]:
-    """The database's deployment row, and whether the database holds a deployment's records."""
+    """The database's deployment row, and whether the database holds a deployment's records
+    (read before any migration: a database made by an older release may have no row yet)."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        return None, False  # a new SQLite file: no deployment, and nothing to create yet
+    engine = make_engine(db_url)
+    try:
+        tables = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if "audit_head" not in tables:
+        return None, False
     with _database(db_url) as session:
-        return deployment.find(session), deployment.in_use(session)
+        found = deployment.find(session) if "deployment" in tables else None
+        return found, deployment.in_use(session)
 
 
 def init_data_dir(
@@ -151,9 +167,11 @@ def init_data_dir(
     public_url: str | None = None,
     node_name: str | None = None,
 ) -> Settings:
-    """Create whatever DIR lacks: settings, database (migrated), HSM token, CA (recorded as the
-    database's deployment), TLS certificate, the time-stamping authority (recorded with the
-    deployment), admin token. Idempotent: what exists is kept as it is.
+    """Create whatever DIR lacks: settings, HSM token, the server's HSM keys, database
+    (migrated), CA (recorded as the database's deployment), TLS certificate, the time-stamping
+    authority (recorded with the deployment), admin token. Idempotent: what exists is kept as
+    it is, so running it on an existing directory upgrades it (keys, migrations that need the
+    HSM, a TSA for a deployment set up before timestamps).
 
     :param hsm_module: any PKCS#11 module; then ``token_label`` and ``hsm_pin_file`` name an
         existing token. Without it a SoftHSM2 token is created in DIR.
@@ -161,46 +179,46 @@ def init_data_dir(
         is written then: ``server join`` adds a node to it).
     """
     data = Path(data_dir).expanduser().resolve()
-    fresh = not data.exists()
     settings = _settings(
         data, db_url, hsm_module, token_label, hsm_pin_file,
         public_url=public_url, node_name=node_name,
     )  # fmt: skip
-    _mkdir(data)
-    migrate(settings.db_url)
     row, in_use = _deployment(settings.db_url)
     if (row is None and in_use and settings.ca_key_id is None) or (
         row is not None and row.ca_key_id != settings.ca_key_id
     ):
-        if fresh:
-            data.rmdir()
         raise Conflict(deployment.FORK_REFUSED)
+    _mkdir(data)
     settings.save()
     hsm = _open_hsm(settings)
     try:
+        keys = ServerKeys.ensure(hsm)
+        migrate(settings.db_url, keys=keys)
         if row is not None:  # this DIR set the deployment up
             ca_ref, ca_cert = deployment.ca_of(row)
         elif settings.ca_key_id is None or not settings.ca_cert.exists():
             ca_ref, ca_cert = ca.create_ca(hsm, CA_NAME)
-            _record(settings, hsm, ca_ref, ca_cert)
+            _record(settings, hsm, keys, ca_ref, ca_cert)
         else:  # set up before deployments were recorded
             ca_ref, ca_cert = enrollment.load_ca(settings)
-            _record(settings, hsm, ca_ref, ca_cert)
+            _record(settings, hsm, keys, ca_ref, ca_cert)
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
-        _ensure_tsa(settings, hsm, ca_ref, ca_cert)
+        _ensure_tsa(settings, hsm, keys, ca_ref, ca_cert)
+        if not settings.admin_token_file.exists():
+            _create_admin_token(settings, keys)
     finally:
         hsm.close()
-    if not settings.admin_token_file.exists():
-        _create_admin_token(settings)
     return settings
 
 
-def _record(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+def _record(
+    settings: Settings, hsm: Hsm, keys: ServerKeys, ca_ref: KeyRef, ca_cert: x509.Certificate
+) -> None:
     """Record the deployment; a CA key made for a deployment that lost the race is destroyed."""
     try:
-        with _database(settings.db_url) as session:
+        with _database(settings.db_url, keys) as session:
             deployment.record(
                 session, ca_ref, ca_cert, settings.token_label, node=settings.node_name
             )
@@ -210,12 +228,15 @@ def _record(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certific
         raise
 
 
-def _ensure_tsa(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:
+def _ensure_tsa(
+    settings: Settings, hsm: Hsm, keys: ServerKeys, ca_ref: KeyRef, ca_cert: x509.Certificate
+) -> None:
     """Give the deployment its time-stamping authority (RFC 3161) if it has none yet: a key
     generated in the HSM and a certificate from the CA, recorded with the deployment so that
     every node serves ``/tsa`` with it. A deployment set up before timestamps gets it when
-    ``server init`` runs on its data directory again (the upgrade)."""
-    with _database(settings.db_url) as session:
+    ``server init`` runs on its data directory again (the upgrade). Its audit record is MACed
+    with the server keys like every other."""
+    with _database(settings.db_url, keys) as session:
         row = deployment.find(session)
         if row is None or row.tsa_key_id is not None:
             return
@@ -275,9 +296,9 @@ def join_data_dir(
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
-    if first:
-        with _database(settings.db_url) as session:
-            deployment.joined(session, row, node=settings.node_name)
+        if first:  # the deployment's server keys are in the shared token
+            with _database(settings.db_url, ServerKeys.load(hsm)) as session:
+                deployment.joined(session, row, node=settings.node_name)
     return settings
 
 
@@ -294,7 +315,7 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
     )
 
 
-def _create_admin_token(settings: Settings) -> None:
-    with _database(settings.db_url) as session:
+def _create_admin_token(settings: Settings, keys: ServerKeys) -> None:
+    with _database(settings.db_url, keys) as session:
         token = tokens.create_admin_token(session, actor="server-init")
     write_secret(settings.admin_token_file, (token + "\n").encode())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import psycopg
 from alembic import command
@@ -38,6 +38,9 @@ from sqlalchemy.sql.expression import ClauseElement, ReturnsRows
 
 from server.errors import ServerError
 
+if TYPE_CHECKING:
+    from server.hsm.secrets import ServerKeys
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 CONNECT_TIMEOUT = 5
 """Seconds a new PostgreSQL connection may take (libpq ``connect_timeout``) unless the URL sets
@@ -60,15 +63,39 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+SQLITE_MODE: Final = 0o600
+
+
+def private_sqlite_file(url: str) -> None:
+    """Make a SQLite database file owner-only (mode 0600) before SQLite opens it.
+
+    SQLite creates a database with mode 0644 (less the umask) and gives its ``-wal`` and
+    ``-shm`` files the database file's mode, so the file is created 0600 here first; an
+    existing one (and its ``-wal``/``-shm``) is narrowed to 0600. Nothing for other databases.
+    """
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return
+    fd = os.open(u.database, os.O_RDWR | os.O_CREAT, SQLITE_MODE)
+    os.close(fd)
+    for path in (u.database, f"{u.database}-wal", f"{u.database}-shm"):
+        try:
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, SQLITE_MODE)
+        except FileNotFoundError:
+            pass
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys, a 30 s busy timeout and the writer
-    queue of :class:`WriterLock`.
+    """An engine for ``url``; SQLite gets WAL, foreign keys, a 30 s busy timeout, the writer
+    queue of :class:`WriterLock` and owner-only files (:func:`private_sqlite_file`).
 
     Only PostgreSQL connections are pinged when taken from the pool (a server restart drops
     them, and the ping replaces them, so the first request after a restart succeeds); a SQLite
     file connection cannot go stale, so it skips the extra statement.
     """
     url = normalize_url(url)
+    private_sqlite_file(url)
     if make_url(url).get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -97,10 +124,32 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
+KEYS: Final = "server_keys"
+"""Where a session carries the server's HSM keys (``Session.info``)."""
+
+
+def session_factory(engine: Engine, keys: ServerKeys | None = None) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit (the request, or the CLI command,
-    that owns the session commits once)."""
-    return sessionmaker(engine, expire_on_commit=False)
+    that owns the session commits once), carrying the server's HSM keys for the services that
+    need them (:func:`server_keys`)."""
+    return sessionmaker(engine, expire_on_commit=False, info={KEYS: keys})
+
+
+def bind_keys(sessions: sessionmaker[Session], keys: ServerKeys) -> None:
+    """Give the sessions ``sessions`` makes from now on the server's HSM keys."""
+    sessions.configure(info={KEYS: keys})
+
+
+def server_keys(session: Session) -> ServerKeys:
+    """The server's HSM keys: the audit MAC, the seal of TOTP seeds, RSA implicit rejection
+    (:mod:`server.hsm.secrets`), which a unit of work needs as it needs its connection.
+
+    :raises RuntimeError: the session was made without them (a programming error).
+    """
+    keys: ServerKeys | None = session.info.get(KEYS)
+    if keys is None:
+        raise RuntimeError("this session has no server keys (session_factory(engine, keys))")
+    return keys
 
 
 _WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, WriterLock] = weakref.WeakKeyDictionary()
@@ -189,17 +238,36 @@ def _end(session: Session, *, commit: bool) -> None:
         session.close()
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic config that runs the packaged migrations against ``url``."""
+def alembic_config(url: str, keys: ServerKeys | None = None) -> Config:
+    """An Alembic config that runs the packaged migrations against ``url``; ``keys`` are the
+    HSM keys that migrations of existing secrets need (:func:`migration_keys`)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["url"] = normalize_url(url)
+    cfg.attributes[KEYS] = keys
     return cfg
 
 
-def migrate(url: str, revision: str = "head") -> None:
+def migrate(url: str, revision: str = "head", *, keys: ServerKeys | None = None) -> None:
     """Upgrade the database at ``url`` to ``revision`` (idempotent)."""
-    command.upgrade(alembic_config(url), revision)
+    private_sqlite_file(url)
+    command.upgrade(alembic_config(url, keys), revision)
+
+
+def migration_keys() -> ServerKeys:
+    """In a migration: the server keys ``server init`` passed, for rows whose secrets a
+    migration seals or MACs.
+
+    :raises RuntimeError: none were passed (``migrate`` outside ``server init``).
+    """
+    from alembic import context
+
+    keys: ServerKeys | None = context.config.attributes.get(KEYS)
+    if keys is None:
+        raise RuntimeError(
+            "this upgrade needs the HSM: run `cardbridge server init --data DIR` to upgrade"
+        )
+    return keys
 
 
 def affected(result: Result[Any]) -> int:

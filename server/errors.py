@@ -89,6 +89,13 @@ class RateLimited(ServerError):
     commit = True
 
 
+class DecryptionBudgetExhausted(RateLimited):
+    """A key did all the decryptions its budget allows for this login in the window
+    (``Policy.decrypt_budget``): what a padding-oracle attack needs, and no mail reader."""
+
+    code = "decryption_budget_exhausted"
+
+
 class HsmError(ServerError):
     """The HSM refused or failed an operation (PKCS#11 errors are translated to this)."""
 

@@ -3,7 +3,8 @@
 
 Secrets are never stored in clear: passwords, PINs and PUKs as argon2id hashes, tokens, SADs
 and enrollment codes as SHA-256 of their high-entropy value. The TOTP seed is the one secret the
-server must be able to read back (RFC 6238 needs it to compute codes).
+server must be able to read back (RFC 6238 needs it to compute codes): it is sealed with an AES
+key that never leaves the HSM.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    name_key: Mapped[str] = mapped_column(String(64), unique=True)
+    """The name NFKC-normalised and case-folded: what is unique and looked up
+    (:func:`server.services.users.name_key`)."""
     email: Mapped[str | None] = mapped_column(String(254))
     upn: Mapped[str | None] = mapped_column(String(254))
     password_hash: Mapped[str | None] = mapped_column(String(255))
@@ -82,7 +86,8 @@ class User(Base):
     pin_retries: Mapped[int] = mapped_column(Integer, default=0)
     puk_retries: Mapped[int] = mapped_column(Integer, default=0)
 
-    otp_secret: Mapped[str | None] = mapped_column(String(64))
+    otp_seed: Mapped[bytes | None] = mapped_column(LargeBinary(128))
+    """The TOTP seed, sealed with the HSM's AES key (:func:`server.services.otp.seal_seed`)."""
     otp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     otp_failures: Mapped[int] = mapped_column(Integer, default=0)
     otp_window_start: Mapped[datetime | None]
@@ -126,6 +131,9 @@ class AuthToken(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("auth_tokens.id"))
     """For an access token: the refresh token it came with (revoking that revokes this)."""
+    family_id: Mapped[int | None] = mapped_column(index=True)
+    """The login this token descends from: the id of its first refresh token, shared by every
+    refresh token rotated from it and their access tokens and PIN marks (RFC 9700 §4.14.2)."""
     second_factor: Mapped[bool] = mapped_column(Boolean, default=False)
     jkt: Mapped[str | None] = mapped_column(String(64))
     """For a device-bound token: the JWK thumbprint of the device key (RFC 9449 ``cnf.jkt``)
@@ -191,8 +199,34 @@ class DpopProof(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class LoginFailures(Base):
+    """Failed password logins in the current window, per source address and per user name
+    (known or not alike, so neither the answers nor the counting tell names apart)."""
+
+    __tablename__ = "login_failures"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    """``address`` or ``name``."""
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The client address, or the SHA-256 (hex) of the name key."""
+    failures: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(index=True)
+
+
+class DecryptBudget(Base):
+    """RSA decryptions of one key for one login (token family) in the current window."""
+
+    __tablename__ = "decrypt_budgets"
+
+    credential_id: Mapped[str] = mapped_column(ForeignKey("credentials.id"), primary_key=True)
+    family_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    window_start: Mapped[datetime] = mapped_column(index=True)
+    used: Mapped[int] = mapped_column(Integer)
+
+
 class AuditRecord(Base):
-    """One link of the hash-chained audit log (rule 7); rows are only ever inserted."""
+    """One link of the hash-chained, HSM-anchored audit log (rule 7); rows are only ever
+    inserted."""
 
     __tablename__ = "audit_log"
 
@@ -208,6 +242,8 @@ class AuditRecord(Base):
     """Canonical JSON, exactly as hashed."""
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))
+    """HMAC-SHA256 (hex) of ``hash`` under the HSM's audit key."""
 
 
 class AuditHead(Base):

@@ -24,14 +24,24 @@ Decisions:
   ``emLen == k`` with exactly one leftmost bit to clear. Any accepted block is therefore
   below the modulus.
 
-Decryption (9D keys only, checked by the caller) returns a block that must be an
-EME-PKCS1-v1_5 type-2 encoding (RFC 8017 §7.2.2); anything else is refused so a
-key-management key cannot be used to sign.
+Decryption (9D keys only, checked by the caller) must neither sign nor tell an attacker
+anything about a ciphertext. Refusing results that are not EME-PKCS1-v1_5 type-2 encodings
+(RFC 8017 §7.2.2) was itself a Bleichenbacher oracle (a refusal says "not conforming"), and
+handing back the raw result of a conforming one hands over ``c^d``: the result of a blinded
+``m·s^e`` unblinds to ``m^d``, a signature by the key-management key. So
+:func:`implicit_rejection` answers every ciphertext with a type-2 block ``00 02 PS 00 M``
+whose padding PS is derived from the ciphertext and an HSM-held key (never the block's own
+PS, so the answer is never ``c^d``), and whose M is the real message when the block conforms,
+else a synthetic one derived the same way: implicit rejection, as OpenSSL 3.2 does for
+PKCS#1 v1.5 decryption (draft-irtf-cfrg-rsa-guidance §7). The host unpads it as it would the
+card's block; conforming or not, the answer has the same length, shape and cost, and the same
+ciphertext always gets the same answer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Final
 
@@ -122,3 +132,55 @@ def check_decrypted_block(block: bytes) -> bytes:
     if block[:2] != b"\x00\x02" or sep < 2 + _MIN_PS:
         raise PaddingRejected("The decrypted block is not PKCS#1 v1.5 type 2")
     return block[sep + 1 :]
+
+
+def _irprf(kdk: bytes, label: bytes, length: int) -> bytes:
+    """The implicit-rejection PRF (draft-irtf-cfrg-rsa-guidance §7.2, OpenSSL's
+    ``ossl_rsa_prf``): HMAC-SHA256 blocks of ``I ‖ label ‖ bit length`` under ``kdk``."""
+    bits = (length * 8).to_bytes(2, "big")
+    out = b"".join(
+        hmac.digest(kdk, i.to_bytes(2, "big") + label + bits, "sha256")
+        for i in range(-(-length // 32))
+    )
+    return out[:length]
+
+
+def _synthetic_length(kdk: bytes, k: int) -> int:
+    """A message length in ``0 .. k-11`` derived from ``kdk``: the last of 128 masked 16-bit
+    candidates below the limit (the draft's construction, which keeps the choice unbiased)."""
+    limit = k - 2 - _MIN_PS
+    mask = (1 << limit.bit_length()) - 1
+    candidates = _irprf(kdk, b"length", 256)
+    length = 0
+    for i in range(0, 256, 2):
+        candidate = int.from_bytes(candidates[i : i + 2], "big") & mask
+        below = int(candidate < limit)
+        length = _choose(below, candidate, length)
+    return length
+
+
+def _choose(flag: int, a: int, b: int) -> int:
+    """``a`` if ``flag`` is 1 else ``b`` (``flag`` 0 or 1), without a branch."""
+    return b ^ ((a ^ b) & -flag)
+
+
+def implicit_rejection(block: bytes, kdk: bytes) -> bytes:
+    """What a 9D decryption answers for the raw RSA result ``block`` (k bytes) of a
+    ciphertext whose implicit-rejection key is ``kdk`` (``ServerKeys.rejection_kdk``): a
+    type-2 block ``00 02 PS 00 M`` with PS derived from ``kdk``, and M the message of
+    ``block`` if it is an EME-PKCS1-v1_5 type-2 encoding, else a synthetic one.
+
+    Both messages are always computed and the choice is arithmetic, with no early return;
+    Python promises no constant time, but what is left (microseconds of byte scans) is far
+    below a request's own jitter and the HSM's.
+    """
+    k = len(block)
+    sep = block.find(b"\x00", 2)
+    conforming = int(block[0] == 0) & int(block[1] == 2) & int(sep >= 2 + _MIN_PS)
+    synthetic = _irprf(kdk, b"message", k)
+    length = _choose(conforming, k - 1 - sep, _synthetic_length(kdk, k))
+    source = _choose(
+        conforming, int.from_bytes(block, "big"), int.from_bytes(synthetic, "big")
+    ).to_bytes(k, "big")
+    ps = bytes(b % 255 + 1 for b in _irprf(kdk, b"padding", k))  # all k: same work any length
+    return b"\x00\x02" + ps[: k - 3 - length] + b"\x00" + source[k - length :]

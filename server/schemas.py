@@ -6,12 +6,18 @@ CSC models accept both generations of field names on both paths (``hash``/``hash
 unknown fields (Laverca sends ``remeberMe``); see reference/csc-api.md §1 and §4.
 Binary values travel as standard, padded base64 only (RFC 4648 §4): ``-`` and ``_`` are refused
 because Python's lenient decoder would silently drop them.
+
+Every request field has a length limit, and every string in a request body must be valid
+Unicode without NUL (a lone surrogate such as ``"\ud800"`` cannot even be encoded, and
+PostgreSQL stores no NUL): bad input is a validation error, answered 400 ``invalid_request``
+before anything reaches a service or the database (rule 8).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -23,8 +29,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     WithJsonSchema,
+    model_validator,
 )
+
+from server.errors import InvalidRequest
 
 MAX_BATCH = 64
 """Most digests one authorize/signHash call may carry (pyHanko batches are far smaller)."""
@@ -70,21 +80,66 @@ Base64Str = Annotated[
 ]
 """Request field carrying standard base64 that a later parser decodes (e.g. DER parameters)."""
 
+def _nfkc(value: Any) -> Any:
+    return unicodedata.normalize("NFKC", value) if isinstance(value, str) else value
+
+
 Oid = Annotated[str, StringConstraints(pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=128)]
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")]
+Name = Annotated[
+    str,
+    BeforeValidator(_nfkc),
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"),
+]
+"""A user name, NFKC-normalised (so ``ＡＬＩＣＥ`` is ``ALICE``); names are unique without
+regard to case (:func:`server.services.users.name_key`)."""
 Secret = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
 Address = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)]
 CredentialId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Lang = Annotated[str, StringConstraints(max_length=35)]
+"""A language tag (RFC 5646; 35 characters is the practical limit of §4.4.1)."""
+ClientData = Annotated[str, StringConstraints(max_length=1024)]
+"""CSC ``clientData``: accepted, never used."""
+SlotName = Annotated[str, StringConstraints(min_length=1, max_length=8)]
+"""A slot as a path segment (``9c``); unknown ones are a 404."""
 
 
-class _Lenient(BaseModel):
+def _clean_strings(value: Any) -> None:
+    """Refuse strings that are not valid Unicode text: a lone surrogate (JSON allows
+    ``"\ud800"``, UTF-8 cannot encode it) or NUL, in any key or value, however nested."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("strings may not contain NUL")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError("strings must be valid Unicode (no lone surrogates)") from e
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _clean_strings(key)
+            _clean_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _clean_strings(item)
+
+
+class _Request(BaseModel):
+    """Every request body: its strings are checked once, before any field (rule 8)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _clean_strings(data)
+        return data
+
+
+class _Lenient(_Request):
     """CSC request bodies: unknown fields are ignored, as the spec's clients expect."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-class _Strict(BaseModel):
+class _Strict(_Request):
     """Bodies of the project's own API: unknown fields are an error."""
 
     model_config = ConfigDict(extra="forbid")
@@ -103,7 +158,7 @@ class ErrorResponse(BaseModel):
 
 
 class CscInfoRequest(_Lenient):
-    lang: str | None = None
+    lang: Lang | None = None
 
 
 class CscSignAlgorithms(BaseModel):
@@ -131,9 +186,30 @@ class CscInfoResponse(BaseModel):
 
 
 class CscLoginRequest(_Lenient):
-    refresh_token: str | None = None
+    refresh_token: Secret | None = None
     rememberMe: bool = False
-    clientData: str | None = None
+    clientData: ClientData | None = None
+
+
+class BasicCredentials(_Strict):
+    """The user name and password of CSC ``auth/login``'s HTTP Basic header, held to the same
+    limits as a JSON login."""
+
+    username: Name
+    password: Secret
+
+    @classmethod
+    def checked(cls, username: str, password: str) -> BasicCredentials:
+        """Validate the header's credentials.
+
+        :raises InvalidRequest: a name or a password outside the limits (400, before the
+            database).
+        """
+        try:
+            return cls(username=username, password=password)
+        except ValidationError as e:
+            where = ".".join(str(p) for p in e.errors()[0]["loc"])
+            raise InvalidRequest(f"HTTP Basic {where}: {e.errors()[0]['msg']}") from None
 
 
 class CscLoginResponse(BaseModel):
@@ -145,7 +221,7 @@ class CscLoginResponse(BaseModel):
 class CscRevokeRequest(_Lenient):
     token: Secret
     token_type_hint: Literal["access_token", "refresh_token"] | None = None
-    clientData: str | None = None
+    clientData: ClientData | None = None
 
 
 class CertificatesChoice(StrEnum):
@@ -155,16 +231,16 @@ class CertificatesChoice(StrEnum):
 
 
 class CscCredentialsListRequest(_Lenient):
-    userID: str | None = None
+    userID: Annotated[str, StringConstraints(max_length=256)] | None = None
     credentialInfo: bool = False
     certificates: CertificatesChoice = CertificatesChoice.single
     certInfo: bool = False
     authInfo: bool = False
     onlyValid: bool = False
     maxResults: int | None = Field(default=None, ge=1, le=1000)
-    pageToken: str | None = None
-    lang: str | None = None
-    clientData: str | None = None
+    pageToken: Annotated[str, StringConstraints(max_length=256)] | None = None
+    lang: Lang | None = None
+    clientData: ClientData | None = None
 
 
 class CscCredentialsInfoRequest(_Lenient):
@@ -172,8 +248,8 @@ class CscCredentialsInfoRequest(_Lenient):
     certificates: CertificatesChoice = CertificatesChoice.single
     certInfo: bool = False
     authInfo: bool = False
-    lang: str | None = None
-    clientData: str | None = None
+    lang: Lang | None = None
+    clientData: ClientData | None = None
 
 
 class CscKeyInfo(BaseModel):
@@ -263,7 +339,7 @@ class CscAuthorizeRequest(_Lenient):
     PIN: Secret | None = None
     OTP: Secret | None = None
     description: ShortText | None = None
-    clientData: str | None = None
+    clientData: ClientData | None = None
 
 
 class CscAuthorizeResponse(BaseModel):
@@ -278,7 +354,7 @@ class CscExtendTransactionRequest(_Lenient):
     SAD: Secret
     hashes: HashList | None = _HASHES
     hashAlgorithmOID: Oid | None = _HASH_OID
-    clientData: str | None = None
+    clientData: ClientData | None = None
 
 
 class CscSignHashRequest(_Lenient):
@@ -291,7 +367,7 @@ class CscSignHashRequest(_Lenient):
     signAlgo: Oid
     signAlgoParams: Base64Str | None = None
     operationMode: Literal["S"] = "S"
-    clientData: str | None = None
+    clientData: ClientData | None = None
 
 
 class CscSignHashResponse(BaseModel):
@@ -441,6 +517,11 @@ class UserOut(BaseModel):
     upn: str | None = None
     disabled: bool
     enrolled: bool
+    login_failures: int = 0
+    """Failed password logins for this name in the current window, from all addresses."""
+    login_locked: bool = False
+    """The name's budget is spent: logins are answered 429 until the window ends or an
+    administrator unlocks it."""
 
 
 class EnrollRequest(_Strict):
@@ -496,6 +577,24 @@ class CertResponse(BaseModel):
     certificate: str
 
 
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AuditCheckpoint(_Strict):
+    """A signed audit checkpoint, as exported (one line of the checkpoint file)."""
+
+    seq: int = Field(ge=0)
+    hash: Hex64
+    count: int = Field(ge=0)
+    time: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    mac: Hex64
+
+
+class AuditVerifyRequest(_Strict):
+    checkpoints: list[AuditCheckpoint] = Field(min_length=1, max_length=64)
+    """Checkpoints exported earlier (the latest one covers every record before it)."""
+
+
 class AuditVerifyResponse(BaseModel):
     ok: bool
     records: int
@@ -512,6 +611,7 @@ class AuditRecordOut(BaseModel):
     details: dict[str, Any]
     prev_hash: str
     hash: str
+    mac: str
 
 
 class HealthResponse(BaseModel):

@@ -65,3 +65,10 @@ def proof_key(session: Session, request: Request, *, required: bool) -> str | No
     return dpop.check_proof(
         session, proofs, method=request.method, url=str(request.url), jkt=None
     )
+
+
+def client_address(request: Request) -> str:
+    """The client's address for the login budgets: the TCP peer. ``server run`` trusts no
+    ``X-Forwarded-For`` (uvicorn ``proxy_headers=False``), so a client cannot choose it; behind
+    a load balancer it is the balancer's unless that keeps the client's (PROXY protocol)."""
+    return request.client.host if request.client is not None else "unknown"

@@ -35,6 +35,7 @@ from fastapi import Depends, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -155,9 +156,12 @@ def _authorize(principal: Principal, access: Access) -> None:
         )
 
 
-def in_unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+def in_unit_of_work(
+    endpoint: Callable[..., Any], *, status_code: int, exclude_none: bool
+) -> Callable[..., Any]:
     """Wrap a sync endpoint so that the request's session ends its transaction once
-    (:func:`server.db.unit_of_work`), in the endpoint's thread, before the response is built."""
+    (:func:`server.db.unit_of_work`), in the endpoint's thread, and the model it returns is
+    encoded there too (FastAPI would go back to the thread pool to validate it again)."""
     if getattr(endpoint, "__unit_of_work__", False) or asyncio.iscoroutinefunction(endpoint):
         return endpoint
 
@@ -165,9 +169,17 @@ def in_unit_of_work(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     def act(*args: Any, **kwargs: Any) -> Any:
         session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
         if session is None:
-            return endpoint(*args, **kwargs)
-        with unit_of_work(session):
-            return endpoint(*args, **kwargs)
+            result = endpoint(*args, **kwargs)
+        else:
+            with unit_of_work(session):
+                result = endpoint(*args, **kwargs)
+        if isinstance(result, BaseModel):
+            return Response(
+                result.model_dump_json(exclude_none=exclude_none),
+                status_code=status_code,
+                media_type="application/json",
+            )
+        return result
 
     act.__unit_of_work__ = True  # type: ignore[attr-defined]
     return act
@@ -177,7 +189,12 @@ class PipelineRoute(APIRoute):
     """A FastAPI route whose requests go through the pipeline above."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        super().__init__(path, in_unit_of_work(endpoint), **kwargs)
+        act = in_unit_of_work(
+            endpoint,
+            status_code=kwargs.get("status_code") or 200,
+            exclude_none=bool(kwargs.get("response_model_exclude_none")),
+        )
+        super().__init__(path, act, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         validate_and_act = super().get_route_handler()

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
@@ -82,6 +83,14 @@ _CLIENT_ERRORS: Final[tuple[type[p11e.PKCS11Error], ...]] = (
 
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+class SecretKind(Enum):
+    """The server's own symmetric keys (field-notes.md: both work in SoftHSM2 through
+    python-pkcs11 with ``SENSITIVE`` true and ``EXTRACTABLE`` false)."""
+
+    HMAC = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
+    """HMAC-SHA256 (CKM_SHA256_HMAC) with a 256-bit generic secret."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,7 @@ class _SharedSession:
         self.users = 0
         self.private: dict[str, Any] = {}
         self.public: dict[str, PublicKey] = {}
+        self.secret: dict[str, Any] = {}
 
     def reopen(self) -> None:
         """Log in on a fresh session; call with the lock held.
@@ -248,6 +258,7 @@ class _SharedSession:
         except p11e.PKCS11Error:
             log.debug("closing the lost HSM session failed", exc_info=True)
         self.private.clear()
+        self.secret.clear()
         try:
             self._login()
         except p11e.PKCS11Error as e:
@@ -538,6 +549,57 @@ class Hsm:
             raise HsmError(f"Key {ref.key_id} is not {ref.alg.value}")
         return key
 
+    # -- the server's secret keys -------------------------------------------------------------
+
+    def generate_secret_key(self, kind: SecretKind, label: str) -> None:
+        """Generate a 256-bit token secret key labelled ``label``: sensitive, never extractable
+        (rule 1), usable only for ``kind``'s operations.
+
+        :raises Conflict: a key with that label exists.
+        """
+        key_type, caps = kind.value
+        with self._session() as s:
+            if list(s.get_objects({Attribute.LABEL: label})):
+                raise Conflict(f"An HSM key labelled {label!r} already exists")
+            s.generate_key(
+                key_type,
+                256,
+                label=label,
+                store=True,
+                capabilities=caps,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.PRIVATE: True,
+                },
+            )
+        log.info("generated %s key %r", kind.name, label)
+
+    def has_secret_key(self, label: str) -> bool:
+        """Whether the token holds a secret key labelled ``label``."""
+        try:
+            with self._session() as s:
+                self._secret(s, label)
+        except NotFound:
+            return False
+        return True
+
+    def _secret(self, s: Any, label: str) -> Any:
+        cache = self._shared.secret
+        obj = cache.get(label)
+        if obj is None:
+            objs = list(s.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                       Attribute.LABEL: label}))
+            if len(objs) != 1:
+                raise NotFound(f"No single HSM secret key labelled {label!r}")
+            obj = cache[label] = objs[0]
+        return obj
+
+    def hmac_sha256(self, label: str, data: bytes) -> bytes:
+        """HMAC-SHA256 (RFC 2104) of ``data`` with the secret key ``label``, in the HSM."""
+        with self._session() as s:
+            return bytes(self._secret(s, label).sign(data, mechanism=Mechanism.SHA256_HMAC))
+
     # -- operations -------------------------------------------------------------------------
 
     def rsa_raw(self, ref: KeyRef, block: bytes) -> bytes:
@@ -703,4 +765,4 @@ def _alg_of(pub: Any) -> KeyAlg:
     raise HsmError("Unsupported key type in the HSM")
 
 
-__all__ = ["Hsm", "KeyAlg", "KeyRef"]
+__all__ = ["Hsm", "KeyAlg", "KeyRef", "SecretKind"]

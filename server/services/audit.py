@@ -1,26 +1,36 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Hash-chained, append-only audit log (DESIGN.md rule 7).
+"""Hash-chained, append-only audit log anchored in the HSM (DESIGN.md rule 7).
 
-Each record is ``(seq, time, actor, event, subject, details, prev_hash, hash)`` with
-``hash = SHA-256(canonical JSON of every other field, prev_hash included)``. Appends are
-serialised through the single ``audit_head`` row: its ``UPDATE ... RETURNING`` takes the row
-lock (PostgreSQL) or the write lock (SQLite) until the caller's transaction commits, so several
-server processes append one after another and the chain never forks.
+Each record is ``(seq, time, actor, event, subject, details, prev_hash, hash, mac)`` with
+``hash = SHA-256(canonical JSON of every other field, prev_hash included)`` and ``mac`` the
+HMAC-SHA256 of that hash under the HSM's audit key (``ServerKeys.audit_mac``): the hash chain
+finds an edit, a deletion or a reordering, and the MAC a chain re-computed after an edit, which
+only the HSM could sign. What no MAC inside the database can show is a cut: the tail deleted
+and the head moved back, or everything wiped. For that the server exports signed
+**checkpoints** ``(seq, hash, count, time, mac)`` outside the database (a file, syslog:
+:mod:`server.services.checkpoints`), and :func:`verify` checks the chain against them: a
+checkpoint names a record the chain must still hold, with that hash.
+
+Appends are serialised through the single ``audit_head`` row: its ``UPDATE ... RETURNING`` takes
+the row lock (PostgreSQL) or the write lock (SQLite) until the caller's transaction commits, so
+several server processes append one after another and the chain never forks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from server.db import runner
+from server.db import runner, server_keys
+from server.hsm.secrets import ServerKeys
 from server.models import AuditHead, AuditRecord, utcnow
 
 GENESIS_HASH = "0" * 64
@@ -34,6 +44,7 @@ class Event(StrEnum):
     LOGIN_FAILED = "login.failed"
     LOGOUT = "logout"
     REFRESH = "login.refresh"
+    REFRESH_REUSED = "login.refresh.reused"
     PIN_OK = "pin.verify.ok"
     PIN_FAILED = "pin.verify.failed"
     PIN_CHANGE = "pin.change"
@@ -43,6 +54,7 @@ class Event(StrEnum):
     PUK_CHANGE_FAILED = "puk.change.failed"
     OTP_FAILED = "otp.failed"
     AUTHORIZE = "credential.authorize"
+    EXTEND = "credential.extend"
     SIGN = "sign"
     DECRYPT = "decrypt"
     ECDH = "ecdh"
@@ -51,6 +63,7 @@ class Event(StrEnum):
     REVOKE = "revoke"
     USER_ADD = "admin.user.add"
     USER_DISABLE = "admin.user.disable"
+    USER_UNLOCK = "admin.user.unlock"
     ADMIN_UNBLOCK = "admin.unblock"
     CERT_CSR = "admin.cert.csr"
     CERT_IMPORT = "admin.cert.import"
@@ -88,6 +101,16 @@ class BadRecord:
 def canonical(fields: Mapping[str, Any]) -> bytes:
     """The canonical encoding that is hashed: sorted-key, compact, ASCII JSON."""
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+_RECORD_MAC: Final = b"cardbridge audit record\0"
+_CHECKPOINT_MAC: Final = b"cardbridge audit checkpoint\0"
+
+
+def record_mac(keys: ServerKeys, digest: str) -> str:
+    """The MAC (hex) of the record whose hash is ``digest``: it covers the record and, through
+    ``prev_hash``, the whole chain before it."""
+    return keys.audit_mac(_RECORD_MAC + bytes.fromhex(digest)).hex()
 
 
 def record_hash(
@@ -152,6 +175,7 @@ def append(
             "details": details_json,
             "prev_hash": prev_hash,
             "hash": digest,
+            "mac": record_mac(server_keys(session), digest),
         },
     )
     run(_SET_TIP, {"tip": digest})
@@ -172,14 +196,69 @@ def _head(session: Session) -> tuple[int, str]:
     return int(row[0]), str(row[1])
 
 
-def verify(session: Session) -> BadRecord | None:
-    """Check the whole chain; return the first bad record, or None when it is intact.
+def head_seq(session: Session) -> int:
+    """The seq of the chain's last committed record (0: empty)."""
+    return _head(session)[0]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed statement of the chain's state: record ``seq`` has ``hash``, the chain holds
+    ``count`` records, at ``time`` (ISO 8601 UTC); ``mac`` is the HSM audit key's HMAC."""
+
+    seq: int
+    hash: str
+    count: int
+    time: str
+    mac: str
+
+    def signed_fields(self) -> bytes:
+        """What :attr:`mac` covers."""
+        fields = {"seq": self.seq, "hash": self.hash, "count": self.count, "time": self.time}
+        return _CHECKPOINT_MAC + canonical(fields)
+
+    def to_json(self) -> str:
+        """One line of a checkpoint file."""
+        return canonical(asdict(self)).decode()
+
+
+def checkpoint(session: Session) -> Checkpoint:
+    """A checkpoint of the chain as committed now, signed with the HSM's audit key."""
+    seq, digest = _head(session)
+    unsigned = Checkpoint(seq, digest, seq, utcnow().isoformat(timespec="seconds"), "")
+    mac = server_keys(session).audit_mac(unsigned.signed_fields()).hex()
+    return Checkpoint(seq, digest, seq, unsigned.time, mac)
+
+
+def _bad_checkpoint(keys: ServerKeys, cp: Checkpoint) -> str | None:
+    """Why ``cp`` cannot be a checkpoint of this server, or None."""
+    expected = keys.audit_mac(cp.signed_fields()).hex()
+    if not hmac.compare_digest(expected, cp.mac):
+        return "is not signed by this server's HSM audit key"
+    if cp.count != cp.seq:
+        return "is inconsistent (count differs from seq)"
+    return None
+
+
+def verify(session: Session, checkpoints: Iterable[Checkpoint] = ()) -> BadRecord | None:
+    """Check the whole chain, and that it still holds what ``checkpoints`` saw; return the
+    first bad record, or None when it is intact.
 
     Detects an edited record (its hash no longer matches), a deleted one (a gap in ``seq`` or a
-    broken ``prev_hash`` link; a deleted tail shows against the head row) and reordering (the
-    hash covers ``seq`` and the previous hash). The head is read first and only records up to
-    it are checked, so appends committed meanwhile by other servers are not mistaken for damage.
+    broken ``prev_hash`` link; a deleted tail shows against the head row), reordering (the
+    hash covers ``seq`` and the previous hash), a chain re-hashed after an edit (its MACs need
+    the HSM), and, against a checkpoint exported before, a truncation or a wipe (the
+    checkpoint's record is gone or has another hash). The head is read first and only records
+    up to it are checked, so appends committed meanwhile by other servers are not mistaken for
+    damage.
     """
+    keys = server_keys(session)
+    expected_at: dict[int, Checkpoint] = {}
+    for cp in checkpoints:
+        why = _bad_checkpoint(keys, cp)
+        if why is not None:
+            return BadRecord(cp.seq, f"the checkpoint of {cp.time} {why}")
+        expected_at[cp.seq] = cp
     last_seq, last_hash = _head(session)
     expected_seq, prev = 1, GENESIS_HASH
     for rec in _records(session, last_seq):
@@ -192,10 +271,23 @@ def verify(session: Session) -> BadRecord | None:
         )
         if again != rec.hash:
             return BadRecord(rec.seq, "contents do not match its hash")
+        if not hmac.compare_digest(record_mac(keys, rec.hash), rec.mac or ""):
+            return BadRecord(rec.seq, "its MAC is wrong: the chain was rewritten")
+        seen = expected_at.get(rec.seq)
+        if seen is not None and seen.hash != rec.hash:
+            return BadRecord(rec.seq, f"differs from the checkpoint of {seen.time}")
         prev = rec.hash
         expected_seq += 1
     if last_seq != expected_seq - 1 or last_hash != prev:
         return BadRecord(expected_seq, f"missing (the chain's head is record {last_seq})")
+    beyond = [cp for cp in expected_at.values() if cp.seq > last_seq]
+    if beyond:
+        cp = max(beyond, key=lambda c: c.seq)
+        return BadRecord(
+            last_seq + 1,
+            f"missing: the checkpoint of {cp.time} saw {cp.count} records, the chain now "
+            f"holds {last_seq} (truncated or wiped)",
+        )
     return None
 
 
@@ -211,4 +303,5 @@ def export(session: Session) -> Iterator[dict[str, Any]]:
             "details": json.loads(rec.details),
             "prev_hash": rec.prev_hash,
             "hash": rec.hash,
+            "mac": rec.mac,
         }

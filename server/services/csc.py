@@ -32,7 +32,7 @@ from server.errors import InvalidRequest, NotFound
 from server.hsm import Hsm
 from server.models import Credential
 from server.services import audit, credentials, keyuse, pins, sad, users
-from server.services.keyuse import KeyOp, KeyUse
+from server.services.keyuse import KeyOp, KeyUse, Via
 from server.services.tokens import Principal
 
 CSC_SLOTS: Final = frozenset({"9c"})
@@ -119,9 +119,10 @@ def authorize(
     hash_oid: str | None,
     factors: Factors,
 ) -> sad.SadGrant:
-    """credentials/authorize: check the PIN and the credential's OTP policy, then issue a SAD
-    pinned to ``hashes`` (SCAL 2). Without a hash OID the digest algorithm is inferred from the
-    digest length and enforced at signHash.
+    """credentials/authorize: check the PIN and the one-time password (by default a fresh TOTP
+    is needed, :func:`keyuse.otp_required`), then issue a SAD pinned to ``hashes`` (SCAL 2), one
+    authorization for the whole batch. Without a hash OID the digest algorithm is inferred from
+    the digest length and enforced at signHash.
 
     :raises InvalidRequest: no hashes, bad digest lengths, missing PIN.
     :raises PinIncorrect, PinBlocked, InvalidOtp, RateLimited: from the factor checks.
@@ -134,7 +135,7 @@ def authorize(
         raise InvalidRequest("Missing parameter PIN")
     pins.verify(session, users.get_by_id(session, cred.user_id), factors.pin, policy,
                 actor=principal.actor)  # fmt: skip
-    keyuse.check_otp(session, policy, cred, factors.otp, actor=principal.actor)
+    keyuse.check_otp(session, policy, cred, factors.otp, via=Via.CSC, actor=principal.actor)
     return sad.authorize(
         session,
         policy,
@@ -149,7 +150,6 @@ def authorize(
 
 def extend_transaction(
     session: Session,
-    policy: Policy,
     principal: Principal,
     *,
     credential_id: str,
@@ -157,18 +157,20 @@ def extend_transaction(
     hashes: Sequence[bytes] | None,
     hash_oid: str | None,
 ) -> sad.SadGrant:
-    """credentials/extendTransaction: a new SAD for what the current one has left, pinned to
-    the new ``hashes`` when given."""
+    """credentials/extendTransaction: a new SAD for what the current one has left, narrowed
+    to ``hashes`` (which it must have pinned) when given; never more signatures, other hashes
+    or a later expiry than the authorization it descends from (:func:`sad.extend`)."""
     cred = credential(session, principal, credential_id)
+    keyuse.refuse_blocked_pin(cred)
     hash_alg = _digest_alg(hashes, hash_oid) if hashes else None
     return sad.extend(
         session,
-        policy,
         sad_value,
         user_id=cred.user_id,
         credential_id=cred.id,
         hashes=hashes or None,
         hash_oid=hash_alg.oid if hash_alg else None,
+        actor=principal.actor,
     )
 
 

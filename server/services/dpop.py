@@ -104,6 +104,20 @@ def _key_of(jwk: dict[str, Any], jkt: str) -> Any:
     return key
 
 
+def _unverified_header(proof: str) -> dict[str, Any]:
+    """The proof's JOSE header, decoded but not yet trusted (RFC 7515 §5.2 steps 1-3): it names
+    the key that verifies the proof. PyJWT then checks the whole JWS, this header included;
+    reading the header here spares parsing the proof twice on every request."""
+    encoded = proof.partition(".")[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except (ValueError, UnicodeError) as e:
+        raise InvalidDpopProof("the DPoP proof is not a JWT") from e
+    if not isinstance(header, dict):
+        raise InvalidDpopProof("the DPoP proof is not a JWT")
+    return header
+
+
 def verify_proof(
     proof: str, *, method: str, url: str, access_token: str | None = None
 ) -> tuple[str, str]:
@@ -115,10 +129,7 @@ def verify_proof(
     """
     if len(proof) > MAX_PROOF:
         raise InvalidDpopProof("the DPoP proof is too long")
-    try:
-        header = jwt.get_unverified_header(proof)
-    except jwt.InvalidTokenError as e:
-        raise InvalidDpopProof("the DPoP proof is not a JWT") from e
+    header = _unverified_header(proof)
     jwk = header.get("jwk")
     if header.get("typ") != "dpop+jwt" or header.get("alg") not in ALGORITHMS:
         raise InvalidDpopProof("a DPoP proof has typ dpop+jwt and an asymmetric alg")

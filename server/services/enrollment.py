@@ -129,7 +129,7 @@ def enroll(
             enrolled.append(EnrolledCredential(slot, cred_id, str(slot_alg)))
         pin, puk = pins.random_digits(PIN_LEN), pins.random_digits(pins.PUK_LEN)
         pins.set_initial(user, pin, puk, policy)
-        secret = otp.new_secret(user)
+        secret = otp.new_secret(session, user)
         code_secret = new_token()[:24]
         code = f"{code_secret}.{ca_pin(ca_cert)}"
         session.add(

@@ -6,24 +6,30 @@ every path that uses keys: CSC signing, the PIV operations under ``/api/v1``, an
 - :func:`require_op`: what each slot's key may do (rule 3: no key is both a signing and a
   decryption oracle);
 - :func:`refuse_blocked_pin`: a blocked PIN stops every key use at once;
-- :func:`check_otp`: the credential's one-time password policy (``--otp-per-signature``:
-  sole control, a fresh TOTP for every use of the signature key).
+- :func:`otp_required` / :func:`check_otp`: the one-time password policy of each path: a
+  fresh TOTP for every CSC authorization (``Policy.csc_authorize_otp``: CSC logins take the
+  password alone), and for every use of a key enrolled ``--otp-per-signature`` on any path;
+- :func:`spend_decryption`: the decryption budget of a key for one login (what a padding
+  oracle attack needs is thousands of queries).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Final, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, bindparam, case, delete, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server.config import Policy
 from server.db import runner
-from server.errors import Forbidden, InvalidOtp, NotFound, PinBlocked
+from server.errors import DecryptionBudgetExhausted, Forbidden, InvalidOtp, NotFound, PinBlocked
 from server.hsm import KeyAlg, KeyRef
-from server.models import Credential, User
+from server.models import Credential, DecryptBudget, User, utcnow
 from server.services import otp
 from server.services.credentials import ACTIVE
 
@@ -65,7 +71,7 @@ class KeyUse:
     otp_per_signature: bool
     has_pin: bool
     pin_retries: int
-    otp_secret: str | None
+    otp_seed: bytes | None
 
 
 _CREDS = cast(Table, Credential.__table__)
@@ -85,7 +91,7 @@ _KEY_USE = (
         _USERS.c.disabled,
         _USERS.c.pin_hash.is_not(None),
         _USERS.c.pin_retries,
-        _USERS.c.otp_secret,
+        _USERS.c.otp_seed,
     )
     .join_from(_CREDS, _USERS, _USERS.c.id == _CREDS.c.user_id)
     .where(_CREDS.c.id == bindparam("credential_id"))
@@ -102,7 +108,7 @@ def key_use(session: Session, user_id: int, credential_id: str) -> KeyUse:
     if not rows or rows[0][0] != user_id:
         raise NotFound("unknown credentialID")
     (owner_id, owner, slot, alg, key_id, cert_pem, pin_always, otp_per_signature, status,
-     disabled, has_pin, pin_retries, otp_secret) = rows[0]  # fmt: skip
+     disabled, has_pin, pin_retries, otp_seed) = rows[0]  # fmt: skip
     if status != ACTIVE or disabled:
         raise Forbidden("the credential is disabled")
     return KeyUse(
@@ -116,7 +122,7 @@ def key_use(session: Session, user_id: int, credential_id: str) -> KeyUse:
         bool(otp_per_signature),
         bool(has_pin),
         int(pin_retries),
-        otp_secret,
+        otp_seed,
     )
 
 
@@ -138,19 +144,83 @@ def refuse_blocked_pin(cred: KeyUse) -> None:
         raise PinBlocked("PIN blocked")
 
 
+class Via(StrEnum):
+    """The paths that authorize a key use."""
+
+    CSC = "csc"
+    """CSC ``credentials/authorize``, in a session opened with the password alone."""
+    PIV = "piv"
+    """A PIV operation under ``/api/v1``, in a device session opened with password and TOTP."""
+
+
+def otp_required(policy: Policy, cred: KeyUse, via: Via) -> bool:
+    """Whether authorizing a use of the key through ``via`` needs a fresh one-time password:
+    always for a credential enrolled ``--otp-per-signature`` (sole control), and on the CSC
+    path unless ``policy.csc_authorize_otp`` is off (its login has no second factor)."""
+    return cred.otp_per_signature or (via is Via.CSC and policy.csc_authorize_otp)
+
+
 def check_otp(
-    session: Session, policy: Policy, cred: KeyUse, code: str | None, *, actor: str
+    session: Session, policy: Policy, cred: KeyUse, code: str | None, *, via: Via, actor: str
 ) -> None:
-    """The credential's one-time password policy for one authorization of its key: with
-    ``otp_per_signature`` a fresh TOTP is required (rule 6: each time step once); a code sent
-    anyway is checked too.
+    """The one-time password policy (:func:`otp_required`) for one authorization of a key use;
+    a code sent anyway is checked too (rule 6: each time step once).
 
     :raises InvalidOtp: missing when required, wrong or reused.
     :raises RateLimited: too many failures of the owner.
     """
     if code is None:
-        if cred.otp_per_signature:
-            raise InvalidOtp("this credential needs a one-time password for each use")
+        if otp_required(policy, cred, via):
+            raise InvalidOtp("this authorization needs a fresh one-time password")
         return
-    owner = otp.Owner(cred.user_id, cred.owner, cred.otp_secret)
+    owner = otp.Owner(cred.user_id, cred.owner, cred.otp_seed)
     otp.verify(session, owner, code, policy, actor=actor)
+
+
+_BUDGETS = cast(Table, DecryptBudget.__table__)
+_NEW_WINDOW = _BUDGETS.c.window_start < bindparam("cutoff")
+# One guarded upsert per decryption: a new window starts at 1, else the count goes up while it
+# is below the budget; no row comes back when the budget is spent, so parallel requests cannot
+# exceed it.
+_SPEND = {
+    name: dialect.insert(_BUDGETS)
+    .values(
+        credential_id=bindparam("credential_id"),
+        family_id=bindparam("family_id"),
+        window_start=bindparam("now"),
+        used=1,
+    )
+    .on_conflict_do_update(
+        index_elements=[_BUDGETS.c.credential_id, _BUDGETS.c.family_id],
+        set_={
+            "used": case((_NEW_WINDOW, 1), else_=_BUDGETS.c.used + 1),
+            "window_start": case((_NEW_WINDOW, bindparam("now")), else_=_BUDGETS.c.window_start),
+        },
+        where=or_(_NEW_WINDOW, _BUDGETS.c.used < bindparam("budget")),
+    )
+    .returning(_BUDGETS.c.used)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+_FORGET = delete(_BUDGETS).where(_BUDGETS.c.window_start < bindparam("cutoff"))
+
+
+def spend_decryption(session: Session, policy: Policy, cred: KeyUse, family_id: int) -> None:
+    """Count one RSA decryption of ``cred``'s key for the login ``family_id`` (its refreshes
+    included), in the caller's transaction; now and then, forget the expired windows.
+
+    :raises DecryptionBudgetExhausted: ``policy.decrypt_budget`` decryptions already in the
+        window (the error commits, so the refusal's audit record stays).
+    """
+    run = runner(session)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=policy.decrypt_window)
+    statement = _SPEND[session.get_bind().dialect.name]
+    params = {"credential_id": cred.id, "family_id": family_id, "now": now, "cutoff": cutoff,
+              "budget": policy.decrypt_budget}  # fmt: skip
+    if not run(statement, params):
+        raise DecryptionBudgetExhausted(
+            f"this key did {policy.decrypt_budget} decryptions for this login within "
+            f"{policy.decrypt_window} s; try again later"
+        ).recorded()
+    if random.random() < 1 / 256:  # noqa: S311 -- housekeeping, not security
+        run(_FORGET, {"cutoff": cutoff})

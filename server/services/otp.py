@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """TOTP second factor (RFC 6238 via pyotp) with replay and rate limits (DESIGN.md rule 6).
 
-A user's failed authentications, wrong one-time passwords and wrong passwords alike
-(:func:`server.services.users.authenticate_password`), share one budget: at most
-``otp_max_failures`` within ``otp_window``, counted by :func:`count_failure` in one guarded
-``UPDATE`` so parallel guesses cannot exceed it. Each OTP attempt first *reserves* a failure
-that way and a correct code gives the reservation back. A time step is accepted once per user:
-the ``UPDATE`` that records it requires ``otp_last_step < step``.
+A user's wrong one-time passwords share one budget: at most ``otp_max_failures`` within
+``otp_window``, counted by :func:`count_failure` in one guarded ``UPDATE`` so parallel guesses
+cannot exceed it. Each OTP attempt first *reserves* a failure that way and a correct code gives
+the reservation back. A time step is accepted once per user: the ``UPDATE`` that records it
+requires ``otp_last_step < step``. (Wrong passwords have budgets of their own, per client
+address and per name: :mod:`server.services.login_limits`.)
+
+The seed is the one secret the server must read back (RFC 6238 computes codes from it), so it
+is stored sealed with the HSM's AES key (``ServerKeys.seal``), bound to its user: a copy of
+the database, or a seed moved to another user, gives nothing.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import NamedTuple, Protocol
 from urllib.parse import quote
 
 import pyotp
-from sqlalchemy import ColumnElement, case, or_, select, update
+from sqlalchemy import ColumnElement, case, or_, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import affected
+from server.db import affected, server_keys
 from server.errors import InvalidOtp, RateLimited
+from server.hsm.secrets import ServerKeys
 from server.models import User, utcnow
 from server.services import audit
 
@@ -44,7 +49,7 @@ class OtpHolder(Protocol):
     def name(self) -> str: ...
 
     @property
-    def otp_secret(self) -> str | None: ...
+    def otp_seed(self) -> bytes | None: ...
 
 
 class Owner(NamedTuple):
@@ -52,13 +57,32 @@ class Owner(NamedTuple):
 
     id: int
     name: str
-    otp_secret: str | None
+    otp_seed: bytes | None
+    """The sealed seed."""
 
 
-def new_secret(user: User) -> str:
-    """Give ``user`` a fresh TOTP seed (base32) and forget the used steps (caller commits)."""
+def _aad(user_id: int) -> bytes:
+    return f"cardbridge totp seed of user {user_id}".encode()
+
+
+def seal_seed(keys: ServerKeys, user_id: int, secret: str) -> bytes:
+    """The stored form of user ``user_id``'s base32 TOTP seed (sealed in the HSM)."""
+    return keys.seal(secret.encode("ascii"), _aad(user_id))
+
+
+def open_seed(keys: ServerKeys, user_id: int, sealed: bytes) -> str:
+    """The base32 TOTP seed :func:`seal_seed` sealed for user ``user_id``.
+
+    :raises HsmError: tampered with, or another user's.
+    """
+    return keys.unseal(sealed, _aad(user_id)).decode("ascii")
+
+
+def new_secret(session: Session, user: User) -> str:
+    """Give ``user`` a fresh TOTP seed and forget the used steps (caller commits); returns the
+    seed (base32), which is stored only sealed."""
     secret = pyotp.random_base32()
-    user.otp_secret = secret
+    user.otp_seed = seal_seed(server_keys(session), user.id, secret)
     user.otp_last_step = None
     user.otp_failures = 0
     user.otp_window_start = None
@@ -96,7 +120,8 @@ def _has_room(policy: Policy, now: datetime) -> ColumnElement[bool]:
 def count_failure(
     session: Session, user_id: int, policy: Policy, *, now: datetime | None = None
 ) -> bool:
-    """Count one failed authentication of the user in one guarded ``UPDATE`` (caller commits).
+    """Count one wrong one-time password of the user in one guarded ``UPDATE`` (caller
+    commits).
 
     False, with nothing counted, when the budget is exhausted: the caller raises RateLimited.
     """
@@ -112,12 +137,6 @@ def count_failure(
         .execution_options(synchronize_session=False)
     )
     return affected(counted) == 1
-
-
-def may_fail(session: Session, user_id: int, policy: Policy) -> bool:
-    """Whether the user's failure budget has room now (a read; nothing is counted)."""
-    found = session.scalar(select(User.id).where(User.id == user_id, _has_room(policy, utcnow())))
-    return found is not None
 
 
 def verify(
@@ -137,7 +156,10 @@ def verify(
     now = now or utcnow()
     if not count_failure(session, user.id, policy, now=now):
         raise RateLimited(RATE_LIMITED)
-    step = _matching_step(user.otp_secret, code, now) if user.otp_secret else None
+    step = None
+    if user.otp_seed is not None:
+        secret = open_seed(server_keys(session), user.id, user.otp_seed)
+        step = _matching_step(secret, code, now)
     if step is not None:
         accepted = affected(
             session.execute(

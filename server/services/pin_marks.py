@@ -11,7 +11,6 @@ and refresh revoke children) and they never carry a usable token value.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Final, cast
 
 from sqlalchemy import Table, bindparam, exists, select, update
@@ -73,17 +72,19 @@ def require(session: Session, session_id: int, *, always: bool) -> None:
         raise PinRequired("this key needs the PIN verified in this session")
 
 
-def mark(session: Session, user_id: int, session_id: int, expires_at: datetime | None) -> None:
-    """Record a PIN verification of login session ``session_id`` (after clearing its marks)."""
-    clear_session(session, session_id)
+def mark(session: Session, root: AuthToken) -> None:
+    """Record a PIN verification of the login session whose refresh token is ``root`` (after
+    clearing its marks); the marks live as long as it and belong to its family."""
+    clear_session(session, root.id)
     for kind in _KINDS:
         session.add(
             AuthToken(
                 token_hash=token_digest(new_token()),
                 kind=kind,
-                user_id=user_id,
-                parent_id=session_id,
-                expires_at=expires_at,
+                user_id=root.user_id,
+                parent_id=root.id,
+                family_id=root.family_id,
+                expires_at=root.expires_at,
             )
         )
 

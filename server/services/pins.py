@@ -43,7 +43,7 @@ from server.errors import (
     ServerError,
 )
 from server.models import User
-from server.services import audit
+from server.services import audit, pin_marks
 from server.services.hashing import hash_secret, verify_secret
 
 PIN_MIN, PIN_MAX = 6, 8
@@ -149,7 +149,8 @@ def _new_pin(pin: str, policy: Policy) -> dict[str, object]:
 
 
 def _set_pin(session: Session, user: User, pin: str, policy: Policy) -> None:
-    """Store a new PIN and reset both counters (caller audits and commits)."""
+    """Store a new PIN and reset both counters (caller audits and commits). No verification of
+    the old PIN outlives it (the PIV sessions' PIN marks are cleared)."""
     values = _new_pin(pin, policy)
     session.execute(
         update(User)
@@ -158,6 +159,7 @@ def _set_pin(session: Session, user: User, pin: str, policy: Policy) -> None:
         .execution_options(synchronize_session=False)
     )
     _mirror(user, **values)
+    pin_marks.clear_user(session, user.id)
 
 
 def _require_pin_set(user: User) -> None:
@@ -217,24 +219,30 @@ def _present(
 def verify(
     session: Session, user: User, pin: str, policy: Policy, *, actor: str | None = None
 ) -> None:
-    """Check the user's PIN (a wrong one spends a try, recorded by the error).
+    """Check the user's PIN (a wrong one spends a try, recorded by the error). When the PIN is
+    blocked, every PIV session of the user forgets its PIN verification.
 
     :raises PinIncorrect: wrong PIN (``retries`` left, possibly 0).
     :raises PinBlocked: no tries left; nothing was checked.
     """
     _require_pin_set(user)
-    _present(
-        session,
-        user,
-        pin,
-        counter=User.pin_retries,
-        stored_hash=User.pin_hash,
-        on_correct=lambda: {"pin_retries": policy.pin_tries},
-        events=(audit.Event.PIN_OK, audit.Event.PIN_FAILED),
-        wrong=PinIncorrect,
-        what="PIN",
-        actor=actor or f"user:{user.name}",
-    )
+    try:
+        _present(
+            session,
+            user,
+            pin,
+            counter=User.pin_retries,
+            stored_hash=User.pin_hash,
+            on_correct=lambda: {"pin_retries": policy.pin_tries},
+            events=(audit.Event.PIN_OK, audit.Event.PIN_FAILED),
+            wrong=PinIncorrect,
+            what="PIN",
+            actor=actor or f"user:{user.name}",
+        )
+    except (PinIncorrect, PinBlocked) as e:
+        if isinstance(e, PinBlocked) or e.retries == 0:
+            pin_marks.clear_user(session, user.id)
+        raise
 
 
 def change(session: Session, user: User, old_pin: str, new_pin: str, policy: Policy) -> None:
@@ -273,7 +281,8 @@ def change_puk(session: Session, user: User, old_puk: str, new_puk: str, policy:
 
 
 def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy) -> None:
-    """Set a new PIN and reset its counter with the PUK (RESET RETRY COUNTER).
+    """Set a new PIN and reset its counter with the PUK (RESET RETRY COUNTER); no PIV session
+    keeps a verification of the old PIN.
 
     :raises PukIncorrect: wrong PUK (``retries`` PUK tries left).
     :raises PinBlocked: the PUK is blocked too; only an administrator can help.
@@ -292,6 +301,7 @@ def unblock(session: Session, user: User, puk: str, new_pin: str, policy: Policy
         what="PUK",
         actor=f"user:{user.name}",
     )
+    pin_marks.clear_user(session, user.id)
 
 
 def admin_unblock(

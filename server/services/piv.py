@@ -5,7 +5,8 @@ key operations behind GENERAL AUTHENTICATE (SP 800-73-4 Pt 2 §3.2.1, §3.2.4).
 Every key use goes through :mod:`server.services.keyuse` (owner, state, slot, blocked PIN,
 one-time password policy) and :mod:`server.services.pin_marks` (the session's PIN state), and
 is audited (rule 7); refusals that look like probing (a block rule 3 refuses, a key used
-without its PIN) are audited too and the audit record is committed with the refusal.
+without its PIN, a spent decryption budget) are audited too and the audit record is committed
+with the refusal.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from sqlalchemy.orm import Session
 from server import padding
 from server.algorithms import Scheme, csc_hash_for_length
 from server.config import Policy
-from server.errors import InvalidRequest, PaddingRejected, PinBlocked, PinIncorrect, PinRequired
+from server.db import server_keys
+from server.errors import (
+    DecryptionBudgetExhausted,
+    InvalidRequest,
+    PaddingRejected,
+    PinBlocked,
+    PinIncorrect,
+    PinRequired,
+)
 from server.hsm import Hsm, conceal_timing
 from server.models import AuthToken
 from server.schemas import b64encode
 from server.services import audit, keyuse, pin_marks, pins, tokens, users
-from server.services.keyuse import KeyOp, KeyUse
+from server.services.keyuse import KeyOp, KeyUse, Via
 from server.services.tokens import Principal
 
 REFUSED_EVENT: Final = "key.refused"
@@ -49,7 +58,9 @@ def verify_pin(session: Session, policy: Policy, principal: Principal, pin: str)
         pin_marks.clear_session(session, principal.session_id)
         raise
     root = session.get(AuthToken, principal.session_id)
-    pin_marks.mark(session, user.id, principal.session_id, root.expires_at if root else None)
+    if root is None:  # the pipeline authenticated its access token a moment ago
+        raise InvalidRequest("this session has ended")
+    pin_marks.mark(session, root)
 
 
 def pin_verified(session: Session, principal: Principal) -> bool:
@@ -64,7 +75,7 @@ def reset_pin_state(session: Session, principal: Principal) -> None:
 
 def end_session(session: Session, principal: Principal) -> None:
     """Log out: revoke the session's refresh token, its access tokens and its PIN marks."""
-    tokens.revoke_family(session, principal.session_id)
+    tokens.revoke_family(session, principal.family_id)
     audit.append(session, actor=principal.actor, event=audit.Event.LOGOUT, subject=principal.actor)
 
 
@@ -84,8 +95,9 @@ def operation(
 
     - ``rsa-raw``: ``data`` is a padded block; rule 3 accepts only EMSA-PKCS1-v1_5 with a
       known DigestInfo or a structurally valid EMSA-PSS encoding.
-    - ``decrypt`` (9D only): raw RSA decryption whose result must be a type-2 block; the
-      whole block is returned, as the card does.
+    - ``decrypt`` (9D only): raw RSA decryption, within the key's decryption budget; the
+      answer is always a type-2 block of modulus length (implicit rejection,
+      :func:`server.padding.implicit_rejection`), which the host unpads as the card's.
     - ``ecdsa``: ``data`` is the digest, as long as the curve's field; DER signature out.
     - ``eddsa``: ``data`` is the whole message (RFC 8032).
     - ``ecdh`` (9D only): ``data`` is the peer's uncompressed point; the shared secret out.
@@ -94,6 +106,7 @@ def operation(
     :param otp: the fresh one-time password a credential with ``otp_per_signature`` needs.
     :raises PaddingRejected: a block rule 3 refuses. :raises PinRequired: PIN policy unmet.
     :raises InvalidOtp: the credential's OTP policy unmet.
+    :raises DecryptionBudgetExhausted: too many decryptions with this key for this login.
     """
     if op not in PIV_OPS:
         raise InvalidRequest(f"{op} is not a PIV operation")
@@ -105,9 +118,11 @@ def operation(
         details |= _check_input(cred, op, data)
         if cred.slot != "9e":
             pin_marks.require(session, principal.session_id, always=cred.pin_always)
-        keyuse.check_otp(session, policy, cred, otp, actor=principal.actor)
-        result, event = _run(hsm, cred, op, data)
-    except (PaddingRejected, PinRequired) as e:
+        keyuse.check_otp(session, policy, cred, otp, via=Via.PIV, actor=principal.actor)
+        if op is KeyOp.DECRYPT:
+            keyuse.spend_decryption(session, policy, cred, principal.family_id)
+        result, event = _run(session, hsm, cred, op, data)
+    except (PaddingRejected, PinRequired, DecryptionBudgetExhausted) as e:
         audit.append(
             session,
             actor=principal.actor,
@@ -143,14 +158,16 @@ def _check_input(cred: KeyUse, op: KeyOp, data: bytes) -> dict[str, str]:
     return {}
 
 
-def _run(hsm: Hsm, cred: KeyUse, op: KeyOp, data: bytes) -> tuple[bytes, audit.Event]:
+def _run(
+    session: Session, hsm: Hsm, cred: KeyUse, op: KeyOp, data: bytes
+) -> tuple[bytes, audit.Event]:
     if op is KeyOp.RSA_RAW:
         return hsm.rsa_raw(cred.key, data), audit.Event.SIGN
     if op is KeyOp.DECRYPT:
         conceal_timing()
-        result = hsm.rsa_decrypt_raw(cred.key, data)
-        padding.check_decrypted_block(result)
-        return result, audit.Event.DECRYPT
+        block = hsm.rsa_decrypt_raw(cred.key, data)
+        kdk = server_keys(session).rejection_kdk(data)
+        return padding.implicit_rejection(block, kdk), audit.Event.DECRYPT
     if op is KeyOp.ECDSA:
         return hsm.sign_digest(cred.key, data, csc_hash_for_length(len(data)).name), (
             audit.Event.SIGN

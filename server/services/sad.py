@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, bindparam, select, update
@@ -89,6 +90,7 @@ class _Held:
     remaining: int
     hashes: list[str] | None
     hash_oid: str | None
+    expires_at: datetime
 
 
 _SADS = cast(Table, Sad.__table__)
@@ -125,7 +127,7 @@ def _load(session: Session, sad: str, user_id: int, credential_id: str) -> _Held
         raise SadInvalid("SAD expired")
     if remaining <= 0:
         raise SadInvalid("SAD already used")
-    return _Held(sad_id, remaining, hashes, hash_oid)
+    return _Held(sad_id, remaining, hashes, hash_oid, expires_at)
 
 
 @dataclass(frozen=True)
@@ -158,14 +160,24 @@ def check(
         raise SadInvalid("more hashes than the SAD authorizes")
     if row.hashes is None:
         return Spending(row, len(hashes), None)
+    return Spending(row, len(hashes), _take(row, hashes, hash_oid))
+
+
+def _take(row: _Held, hashes: Sequence[bytes], hash_oid: str | None) -> list[str]:
+    """The pinned hashes of ``row`` left once ``hashes`` are taken out of them (a multiset:
+    each pinned occurrence is taken once).
+
+    :raises SadInvalid: one of ``hashes`` is not pinned (or no more), or ``hash_oid`` is not
+        the pinned hashes' algorithm.
+    """
     if hash_oid is not None and row.hash_oid is not None and hash_oid != row.hash_oid:
         raise SadInvalid("hash algorithm differs from the one authorized")
-    left = list(row.hashes)
+    left = list(row.hashes or ())
     for h in _b64(hashes):
         if h not in left:
             raise SadInvalid("Hash is not authorized by the SAD")
         left.remove(h)
-    return Spending(row, len(hashes), left)
+    return left
 
 
 def spend(session: Session, spending: Spending) -> int:
@@ -192,22 +204,35 @@ def spend(session: Session, spending: Spending) -> int:
 
 def extend(
     session: Session,
-    policy: Policy,
     sad: str,
     *,
     user_id: int,
     credential_id: str,
     hashes: Sequence[bytes] | None = None,
     hash_oid: str | None = None,
+    actor: str = "",
 ) -> SadGrant:
-    """Replace ``sad`` by a new one with a fresh expiry and the signatures it had left
-    (CSC credentials/extendTransaction); with ``hashes`` the new SAD is pinned to them.
+    """Replace ``sad`` by a new SAD for what it has left (CSC credentials/extendTransaction);
+    with ``hashes`` the new one covers only them. An extension needs no PIN or OTP, so it never
+    authorizes more than ``sad`` did:
 
-    :raises SadInvalid: as :func:`spend`.
+    - a SAD that pins hashes (SCAL 2) passes on only hashes it pinned and has not signed;
+    - the number of signatures never grows;
+    - the new SAD expires when ``sad`` does, so a chain of extensions ends when the original
+      authorization does.
+
+    :raises SadInvalid: as :func:`spend`, or a hash the SAD does not cover.
+    :raises InvalidRequest: more hashes than signatures left.
     """
     row = _load(session, sad, user_id, credential_id)
-    if hashes is not None and not 1 <= len(hashes) <= row.remaining:
-        raise InvalidRequest("the number of hashes must be between 1 and the signatures left")
+    if hashes is None:
+        remaining, pinned, oid = row.remaining, row.hashes, row.hash_oid
+    else:
+        if not 1 <= len(hashes) <= row.remaining:
+            raise InvalidRequest("the number of hashes must be between 1 and the signatures left")
+        if row.hashes is not None:
+            _take(row, hashes, hash_oid)
+        remaining, pinned, oid = len(hashes), _b64(hashes), hash_oid or row.hash_oid
     won = affected(
         session.execute(
             update(Sad)
@@ -224,10 +249,17 @@ def extend(
             sad_hash=token_digest(new),
             user_id=user_id,
             credential_id=credential_id,
-            remaining=row.remaining,
-            hashes=_b64(hashes) if hashes is not None else row.hashes,
-            hash_oid=hash_oid if hashes is not None else row.hash_oid,
-            expires_at=utcnow() + policy.ttl("sad_ttl"),
+            remaining=remaining,
+            hashes=pinned,
+            hash_oid=oid,
+            expires_at=row.expires_at,
         )
     )
-    return SadGrant(new, policy.sad_ttl)
+    audit.append(
+        session,
+        actor=actor or f"user-id:{user_id}",
+        event=audit.Event.EXTEND,
+        subject=f"credential:{credential_id}",
+        details={"num_signatures": remaining, "pinned": pinned is not None, "from_sad": row.id},
+    )
+    return SadGrant(new, max(1, int((row.expires_at - utcnow()).total_seconds())))

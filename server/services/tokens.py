@@ -2,7 +2,10 @@
 """Opaque bearer tokens: user access/refresh tokens and the admin token.
 
 Tokens are 256-bit random strings; only their SHA-256 is stored. A refresh token is rotated on
-use; revoking it also revokes the access tokens it produced (CSC auth/revoke semantics).
+use; revoking it also revokes the access tokens it produced (CSC auth/revoke semantics). Every
+token of one login shares a family (``family_id``): a refresh token presented again after it
+was rotated or revoked means that someone holds a copy, and the whole family is revoked and the
+reuse audited (RFC 9700, OAuth 2.0 Security BCP, §4.14.2).
 Tokens issued to an enrolled device are bound to its key (``jkt``, RFC 9449): every use then
 needs a DPoP proof of that key (``server.services.dpop``, checked by the request pipeline).
 Services here never commit: the request (or CLI command) that calls them owns the transaction.
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -58,6 +61,8 @@ class Principal:
     session_id: int = 0
     """The login session: the refresh token an access token came with (itself without one);
     PIV PIN marks hang off it."""
+    family_id: int = 0
+    """The login this token descends from, across refresh token rotations."""
 
     @property
     def actor(self) -> str:
@@ -74,6 +79,7 @@ def _store(
     expires_at: datetime | None,
     second_factor: bool = False,
     parent_id: int | None = None,
+    family_id: int | None = None,
     jkt: str | None = None,
 ) -> AuthToken:
     row = AuthToken(
@@ -83,6 +89,7 @@ def _store(
         expires_at=expires_at,
         second_factor=second_factor,
         parent_id=parent_id,
+        family_id=family_id,
         jkt=jkt,
     )
     session.add(row)
@@ -97,11 +104,13 @@ def issue_pair(
     *,
     second_factor: bool,
     jkt: str | None = None,
+    family_id: int | None = None,
     session_expires: datetime | None = None,
 ) -> TokenPair:
-    """New access + refresh tokens for ``user``, bound to the device key ``jkt`` if given.
+    """New access + refresh tokens for ``user``, bound to the device key ``jkt`` if given, in
+    the family ``family_id`` (a rotation) or a new one (a login).
 
-    :param session_expires: when the session ends (a refresh keeps its login's end); by
+    :param session_expires: when the session ends (a rotation keeps its login's end); by
         default ``refresh_token_ttl`` from now.
     """
     now = utcnow()
@@ -115,8 +124,11 @@ def issue_pair(
         user_id=user.id,
         expires_at=ends,
         second_factor=second_factor,
+        family_id=family_id,
         jkt=jkt,
     )
+    if family_id is None:
+        parent.family_id = family_id = parent.id
     _store(
         session,
         access,
@@ -125,6 +137,7 @@ def issue_pair(
         expires_at=access_ends,
         second_factor=second_factor,
         parent_id=parent.id,
+        family_id=family_id,
         jkt=jkt,
     )
     return TokenPair(
@@ -158,10 +171,11 @@ def login(
     password: str,
     otp_code: str | None,
     *,
+    address: str,
     require_otp: bool = True,
     jkt: str | None = None,
 ) -> TokenPair:
-    """Password (+ TOTP) login; every outcome is audited.
+    """Password (+ TOTP) login from the client ``address``; every outcome is audited.
 
     With ``require_otp=False`` (CSC ``auth/login``, HTTP Basic) the OTP may be omitted and the
     session has ``second_factor=False``; an OTP given anyway is still checked. With ``jkt`` (the
@@ -170,7 +184,8 @@ def login(
 
     :raises Unauthorized: bad user name or password.
     :raises InvalidOtp: missing, wrong or reused OTP.
-    :raises RateLimited: too many failed passwords or OTPs of this user.
+    :raises RateLimited: too many failed logins from this address or for this name, or too
+        many wrong OTPs of this user.
     :raises Forbidden: ``jkt`` is not an enrolled device of the user.
     """
 
@@ -180,12 +195,13 @@ def login(
             actor=f"user:{name}",
             event=audit.Event.LOGIN_FAILED,
             subject=f"user:{name}",
-            details={"reason": reason},
+            details={"reason": reason, "address": address},
         )
         return error.recorded()
 
     try:
-        user = users.authenticate_password(session, name, password, policy=policy)
+        user = users.authenticate_password(session, name, password, policy=policy,
+                                           address=address)
     except (Unauthorized, RateLimited) as e:
         raise failed(e, "password" if isinstance(e, Unauthorized) else e.code) from None
     if otp_code is None and require_otp:
@@ -206,7 +222,11 @@ def login(
         actor=f"user:{name}",
         event=audit.Event.LOGIN_OK,
         subject=f"user:{name}",
-        details={"second_factor": otp_code is not None, "device_bound": jkt is not None},
+        details={
+            "second_factor": otp_code is not None,
+            "device_bound": jkt is not None,
+            "address": address,
+        },
     )
     return pair
 
@@ -224,6 +244,7 @@ _AUTHENTICATE = (
         _TOKENS.c.second_factor,
         _TOKENS.c.jkt,
         _TOKENS.c.parent_id,
+        _TOKENS.c.family_id,
         _USERS.c.id,
         _USERS.c.name,
         _USERS.c.disabled,
@@ -242,12 +263,32 @@ _AUTHENTICATE = (
 class _Token:
     id: int
     kind: str
+    revoked: bool
+    expired: bool
     second_factor: bool
     jkt: str | None
     parent_id: int | None
+    family_id: int
     user_id: int | None
     user_name: str
     expires_at: datetime | None
+    usable: bool
+    """Unexpired, unrevoked, its parent unrevoked, its user enabled."""
+
+
+def _lookup(session: Session, token: str) -> _Token | None:
+    """The stored token ``token``, live or not; None when unknown."""
+    rows = runner(session)(_AUTHENTICATE, {"digest": token_digest(token)})
+    if not rows:
+        return None
+    (token_id, kind, revoked, expires_at, second_factor, jkt, parent_id, family_id, user_id,
+     name, disabled, parent_revoked) = rows[0]  # fmt: skip
+    expired = expires_at is not None and expires_at <= utcnow()
+    usable = not (revoked or expired or parent_revoked) and (
+        kind == ADMIN or (user_id is not None and not disabled)
+    )
+    return _Token(token_id, kind, bool(revoked), expired, bool(second_factor), jkt, parent_id,
+                  family_id or token_id, user_id, name or "", expires_at, usable)  # fmt: skip
 
 
 def _live(session: Session, token: str) -> _Token:
@@ -255,18 +296,10 @@ def _live(session: Session, token: str) -> _Token:
 
     :raises Unauthorized: anything else.
     """
-    rows = runner(session)(_AUTHENTICATE, {"digest": token_digest(token)})
-    if not rows:
+    row = _lookup(session, token)
+    if row is None or not row.usable:
         raise Unauthorized("invalid or expired token")
-    (token_id, kind, revoked, expires_at, second_factor, jkt, parent_id, user_id, name,
-     disabled, parent_revoked) = rows[0]  # fmt: skip
-    if revoked or (expires_at is not None and expires_at <= utcnow()) or parent_revoked:
-        raise Unauthorized("invalid or expired token")
-    if kind != ADMIN and (user_id is None or disabled):
-        raise Unauthorized("invalid or expired token")
-    return _Token(
-        token_id, kind, bool(second_factor), jkt, parent_id, user_id, name or "", expires_at
-    )
+    return row
 
 
 def authenticate(session: Session, token: str) -> Principal:
@@ -288,23 +321,32 @@ def authenticate(session: Session, token: str) -> Principal:
         row.second_factor,
         row.jkt,
         session_id=row.parent_id or row.id,
+        family_id=row.family_id,
     )
 
 
 def refresh(
     session: Session, policy: Policy, refresh_token: str, *, jkt: str | None = None
 ) -> TokenPair:
-    """Rotate a refresh token: the old one (and its access tokens) stop working. A refresh
-    token bound to a device key needs a DPoP proof of that key (``jkt``). The session keeps its
-    end and its PIV PIN verification (a refresh is not a card reset).
+    """Rotate a refresh token: the old one (and its access tokens) stop working; the new pair
+    stays in the login's family and keeps its end and its PIV PIN verification (a refresh is not
+    a card reset). A refresh token bound to a device key needs a DPoP proof of that key
+    (``jkt``).
+
+    A refresh token presented after it was rotated (or revoked) is a copy in someone else's
+    hands, or the original after a copy was used first: the server cannot tell the thief from
+    the owner, so the family is revoked, the owner logs in again, and the reuse is audited (RFC
+    9700 §4.14.2). Two concurrent rotations of one token count as a reuse too.
 
     :raises Unauthorized: unknown, expired, revoked or already used refresh token, or the
         proof of another key (or none) for a bound one.
     """
-    row = _live(session, refresh_token)
-    user = session.get(User, row.user_id) if row.kind == REFRESH else None
-    if user is None or row.jkt != jkt:
+    row = _lookup(session, refresh_token)
+    if row is not None and row.kind == REFRESH and row.revoked:
+        raise _reused(session, row)
+    if row is None or not row.usable or row.kind != REFRESH or row.jkt != jkt:
         raise Unauthorized("invalid or expired token")
+    user = session.get(User, row.user_id)
     rotated = affected(
         session.execute(
             update(AuthToken)
@@ -313,8 +355,8 @@ def refresh(
             .execution_options(synchronize_session=False)
         )
     )
-    if rotated != 1:
-        raise Unauthorized("invalid or expired token")
+    if rotated != 1 or user is None:
+        raise _reused(session, row)
     session.execute(
         update(AuthToken)
         .where(AuthToken.parent_id == row.id, AuthToken.kind == ACCESS)
@@ -327,6 +369,7 @@ def refresh(
         policy,
         second_factor=row.second_factor,
         jkt=row.jkt,
+        family_id=row.family_id,
         session_expires=row.expires_at,
     )
     pin_marks.move(session, row.id, pair.session_id)
@@ -334,11 +377,25 @@ def refresh(
     return pair
 
 
-def revoke_family(session: Session, token_id: int) -> None:
-    """Revoke a token and the tokens it produced (access tokens, PIV PIN marks)."""
+def _reused(session: Session, row: _Token) -> ServerError:
+    """Revoke the family of a reused refresh token and audit it; the error to raise (it
+    commits both)."""
+    revoke_family(session, row.family_id)
+    audit.append(
+        session,
+        actor="unknown",
+        event=audit.Event.REFRESH_REUSED,
+        subject=f"user:{row.user_name}",
+        details={"family": row.family_id, "device_bound": row.jkt is not None},
+    )
+    return Unauthorized("invalid or expired token").recorded()
+
+
+def revoke_family(session: Session, family_id: int) -> None:
+    """Revoke every token of a login: its refresh tokens, access tokens and PIV PIN marks."""
     session.execute(
         update(AuthToken)
-        .where(or_(AuthToken.id == token_id, AuthToken.parent_id == token_id))
+        .where(AuthToken.family_id == family_id)
         .values(revoked=True)
         .execution_options(synchronize_session=False)
     )
@@ -351,11 +408,14 @@ def revoke(session: Session, token: str, *, owner: Principal | None = None) -> N
     revoked.
     """
     row = session.scalar(select(AuthToken).where(AuthToken.token_hash == token_digest(token)))
-    if row is None or row.kind == ADMIN:
+    if row is None or row.kind not in (ACCESS, REFRESH):
         return
     if owner is not None and owner.kind == "user" and row.user_id != owner.user_id:
         return
-    revoke_family(session, row.id)
+    if row.kind == REFRESH:
+        revoke_family(session, row.family_id or row.id)
+    else:
+        row.revoked = True
     user = session.get(User, row.user_id) if row.user_id is not None else None
     audit.append(
         session,

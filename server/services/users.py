@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The built-in user store: add, list, disable, password check (argon2id, rules 5 and 6)."""
+"""The built-in user store: add, list, disable, password check (argon2id, rules 5 and 6).
+
+User names are NFKC-normalised and unique without regard to case: ``ALICE``, ``alice`` and
+``ＡＬＩＣＥ`` are one name (:func:`name_key`, a unique column), however it is spelled at login.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -12,23 +17,33 @@ from sqlalchemy.orm import Session
 from server.config import Policy
 from server.errors import Conflict, InvalidRequest, NotFound, RateLimited, Unauthorized
 from server.models import AuthToken, Sad, User
-from server.services import audit, otp
+from server.services import audit, login_limits
 from server.services.hashing import hash_secret, verify_secret
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-MIN_PASSWORD = 8
+MIN_PASSWORD, MAX_PASSWORD = 8, 256
+RATE_LIMITED = "too many failed logins; try again later"
 
 
 def validate_name(name: str) -> str:
-    """``name`` if it is a valid user name (1-64 of ``A-Z a-z 0-9 . _ @ -``)."""
+    """``name`` NFKC-normalised, if that is a valid user name (1-64 of
+    ``A-Z a-z 0-9 . _ @ -``)."""
+    name = unicodedata.normalize("NFKC", name)
     if not NAME_RE.fullmatch(name):
         raise InvalidRequest("user names are 1-64 characters of A-Z a-z 0-9 . _ @ -")
     return name
 
 
+def name_key(name: str) -> str:
+    """The form under which a name is unique and found: NFKC, case-folded, NFKC again (the
+    Unicode compatibility caseless match, Unicode §3.13)."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return unicodedata.normalize("NFKC", folded)
+
+
 def _check_password(password: str) -> None:
-    if len(password) < MIN_PASSWORD or len(password) > 1024:
-        raise InvalidRequest(f"passwords are {MIN_PASSWORD} to 1024 characters")
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise InvalidRequest(f"passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters")
 
 
 def add_user(
@@ -42,15 +57,17 @@ def add_user(
 ) -> User:
     """Create a user (no password means no password login).
 
-    :raises Conflict: the name is taken.
+    :raises Conflict: the name is taken, in any case or Unicode compatibility form.
     """
-    validate_name(name)
+    name = validate_name(name)
     if password is not None:
         _check_password(password)
-    if session.scalar(select(User.id).where(User.name == name)) is not None:
+    key = name_key(name)
+    if session.scalar(select(User.id).where(User.name_key == key)) is not None:
         raise Conflict(f"user {name!r} already exists")
     user = User(
         name=name,
+        name_key=key,
         email=email,
         upn=upn,
         password_hash=hash_secret(password) if password is not None else None,
@@ -76,11 +93,11 @@ def list_users(session: Session) -> list[User]:
 
 
 def get_user(session: Session, name: str) -> User:
-    """The user called ``name``.
+    """The user called ``name`` (in any case or Unicode compatibility form).
 
     :raises NotFound: no such user.
     """
-    user = session.scalar(select(User).where(User.name == name))
+    user = session.scalar(select(User).where(User.name_key == name_key(name)))
     if user is None:
         raise NotFound(f"no user {name!r}")
     return user
@@ -113,32 +130,41 @@ def disable_user(session: Session, name: str, *, actor: str = "admin") -> User:
 
 
 def authenticate_password(
-    session: Session, name: str, password: str, *, policy: Policy
+    session: Session, name: str, password: str, *, policy: Policy, address: str
 ) -> User:
-    """The enabled user ``name`` whose password is ``password``.
+    """The enabled user ``name`` whose password is ``password``, for a login from the client
+    ``address``.
 
-    Costs one argon2id verification, run with no write transaction open (reads take no lock),
-    whatever the outcome for a name that exists or not (no user-enumeration timing). A wrong
-    password of an existing user counts against the user's failure budget
-    (:func:`server.services.otp.count_failure`, rule 6); while that is exhausted nothing is
-    checked. The outcome takes its place among concurrent attempts when it is applied: a correct
-    password is refused too if failures counted meanwhile exhausted the budget.
+    Unknown names go exactly the way of known ones: the same budgets are read and counted
+    (:mod:`server.services.login_limits`), one argon2id verification runs (a dummy hash for
+    an unknown name) with no write transaction open, and the answers are the same. While the
+    address's or the name's budget is spent, nothing is checked and the answer is 429. A
+    failure counts against both; a correct password is refused too if failures counted
+    meanwhile spent a budget (the outcome takes its place among concurrent attempts).
 
-    :raises RateLimited: too many failed authentications of this user in the window.
+    :raises RateLimited: a budget is spent.
     :raises Unauthorized: unknown user, disabled, no password set or wrong password.
     """
-    user = session.scalar(select(User).where(User.name == name))
-    if user is not None and not otp.may_fail(session, user.id, policy):
-        raise RateLimited(otp.RATE_LIMITED)
+    key = name_key(name)
+    address = address[:64]
+    if login_limits.spent(session, policy, address, key):
+        raise RateLimited(RATE_LIMITED)
+    user = session.scalar(select(User).where(User.name_key == key))
     ok = verify_secret(user.password_hash if user else None, password)
-    if user is None:
-        raise Unauthorized("invalid user name or password")
-    if not ok:
-        if not otp.count_failure(session, user.id, policy):
-            raise RateLimited(otp.RATE_LIMITED)
+    if user is None or not ok:
+        if not login_limits.count_failure(session, policy, address, key):
+            raise RateLimited(RATE_LIMITED)
         raise Unauthorized("invalid user name or password").recorded()
-    if not otp.may_fail(session, user.id, policy):
-        raise RateLimited(otp.RATE_LIMITED)
+    if login_limits.spent(session, policy, address, key):
+        raise RateLimited(RATE_LIMITED)
     if user.disabled:
         raise Unauthorized("invalid user name or password")
+    return user
+
+
+def unlock(session: Session, name: str, *, actor: str = "admin") -> User:
+    """Lift the failed-login budget of ``name`` (the per-user lock), audited."""
+    user = get_user(session, name)
+    login_limits.forget_name(session, user.name_key)
+    audit.append(session, actor=actor, event=audit.Event.USER_UNLOCK, subject=f"user:{user.name}")
     return user

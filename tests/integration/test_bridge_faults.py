@@ -228,3 +228,27 @@ def test_a_login_while_every_server_is_down_fails_in_one_line(
     assert out.returncode == 1 and "no server answered" in out.stderr, out.stderr
     assert card.status()["session"]["active"] is False
     assert card_slot.running
+
+
+def test_the_session_refreshes_silently_and_keeps_its_pin_verification(
+    tmp_path: Path, card_slot: CardSlot
+) -> None:
+    data = tmp_path / "data"
+    init_data_dir(data)
+    settings = json.loads((data / "server.json").read_text())
+    settings["policy"] = {**settings.get("policy", {}), "access_token_ttl": 35}
+    (data / "server.json").write_text(json.dumps(settings))
+    server = start_server(data)
+    try:
+        card = card_slot.present(enroll_card(server, "refresh", tmp_path, alg="p256"))
+        card.login()
+        with signing(card) as key:
+            sign_once(key, card, b"with the first access token")
+            time.sleep(6)  # under 30 s left: the relay refreshes before the next call
+            sign_once(key, card, b"with a refreshed one, the PIN still verified")
+        records = json.loads(server.admin("audit", "export", "--json").stdout)
+        mine = [r["event"] for r in records if r["actor"] == "user:refresh"]
+        assert mine.count("login.refresh") >= 1 and mine.count("sign") == 2
+        assert mine.count("pin.verify.ok") == 1  # no second VERIFY was needed
+    finally:
+        server.stop()

@@ -21,8 +21,8 @@ import pyotp
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi.testclient import TestClient
-from fresh_otp import FreshOtp
 from hsm_fixtures import HsmToken
+from live_server import Authenticator
 from sqlalchemy.orm import Session, sessionmaker
 
 from relay.dpop import DeviceKey, DpopAuth
@@ -31,6 +31,7 @@ from server.app import create_app
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm import Hsm
+from server.hsm.secrets import ServerKeys
 from server.services import tokens
 
 PASSWORD = "correct horse battery staple"
@@ -53,13 +54,13 @@ class Enrolled:
     auth: DpopAuth | None = None
     """The current session's: a DPoP proof and the access token on every request."""
     refresh_token: str | None = None
+    app: Authenticator | None = None
 
     def otp(self) -> str:
-        """A TOTP code of a time step not used yet (:class:`fresh_otp.FreshOtp`)."""
-        return self.fresh_otp()
-
-    def __post_init__(self) -> None:
-        self.fresh_otp = FreshOtp(self.totp)
+        """A TOTP code of a time step not used yet (:class:`live_server.Authenticator`)."""
+        if self.app is None:
+            self.app = Authenticator(self.totp)
+        return self.app.code()
 
 
 @dataclass
@@ -177,7 +178,7 @@ def api_fixture(
         ca_key_alg=str(ca_ref.alg),
     )
     engine = make_engine(url)
-    sessions = session_factory(engine)
+    sessions = session_factory(engine, ServerKeys.ensure(hsm))
     with unit_of_work(sessions()) as s:
         admin_token = tokens.create_admin_token(s)
     app = create_app(settings, hsm=hsm, sessions=sessions)

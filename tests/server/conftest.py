@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Policy
 from server.db import make_engine, migrate, session_factory
+from server.hsm import Hsm
+from server.hsm.secrets import ServerKeys
 from server.models import User, utcnow
 from server.services import hashing, otp, pins, users
 
@@ -75,9 +77,15 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
+@pytest.fixture(scope="session")
+def server_keys(hsm: Hsm) -> ServerKeys:  # noqa: F811 -- the fixture
+    """The server's keys (audit MAC, seal, implicit rejection) in the shared test token."""
+    return ServerKeys.ensure(hsm)
+
+
 @pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
+def sessions(engine: Engine, server_keys: ServerKeys) -> sessionmaker[Session]:
+    return session_factory(engine, server_keys)
 
 
 @pytest.fixture
@@ -92,6 +100,8 @@ def policy() -> Policy:
 
 
 MakeUser = Callable[..., User]
+_SEEDS: dict[int, str] = {}
+"""The TOTP seed of each user make_user created (the database holds it only sealed)."""
 
 
 @pytest.fixture
@@ -101,15 +111,19 @@ def make_user(session: Session, policy: Policy) -> MakeUser:
     def make(name: str = "alice", *, pin: str = PIN, puk: str = PUK) -> User:
         user = users.add_user(session, name, password=PASSWORD, email=f"{name}@example.org")
         pins.set_initial(user, pin, puk, policy)
-        otp.new_secret(user)
+        _SEEDS[user.id] = otp.new_secret(session, user)
         session.commit()
         return user
 
     return make
 
 
+def totp_of(user: User) -> pyotp.TOTP:
+    """The user's authenticator (as enrollment showed it)."""
+    return pyotp.TOTP(_SEEDS[user.id])
+
+
 def totp_now(user: User, offset_steps: int = 0) -> str:
     """The user's current TOTP code (or that of a neighbouring step)."""
-    assert user.otp_secret is not None
-    totp = pyotp.TOTP(user.otp_secret)
+    totp = totp_of(user)
     return totp.generate_otp(totp.timecode(utcnow()) + offset_steps)

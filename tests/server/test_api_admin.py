@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session
         ("POST", "/api/v1/admin/users/x/disable"),
         ("POST", "/api/v1/admin/users/x/enroll"),
         ("GET", "/api/v1/admin/audit/verify"),
+        ("POST", "/api/v1/admin/audit/verify"),
+        ("GET", "/api/v1/admin/audit/checkpoint"),
         ("GET", "/api/v1/admin/audit/export"),
     ],
 )
@@ -188,3 +190,41 @@ def test_audit_verify_names_the_first_bad_record(api: Api, tamper: str) -> None:
             _swap(s, target, target + 1)
         s.commit()
     assert api.client.get("/api/v1/admin/audit/verify", headers=api.admin).json()["ok"] is True
+
+
+def test_a_checkpoint_catches_a_cut_chain(api: Api) -> None:
+    """Finding 4 over the API: the admin keeps a checkpoint; whoever can write the database
+    deletes the last records and moves the head back (every remaining MAC is genuine), and
+    verification against the checkpoint fails; a checkpoint forged to match does too."""
+    api.user(prefix="checkpointed")
+    cp = api.client.get("/api/v1/admin/audit/checkpoint", headers=api.admin).json()
+    assert set(cp) == {"seq", "hash", "count", "time", "mac"} and cp["count"] == cp["seq"]
+    verify = "/api/v1/admin/audit/verify"
+    assert api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()["ok"]
+    with api.sessions() as s:
+        keep = s.execute(text("SELECT seq, hash FROM audit_log WHERE seq = :s"),
+                         {"s": cp["seq"] - 2}).one()
+        tail = s.execute(text("SELECT * FROM audit_log WHERE seq > :s"),
+                         {"s": keep.seq}).mappings().all()
+        head = s.execute(text("SELECT last_seq, last_hash FROM audit_head")).one()
+        s.execute(text("DELETE FROM audit_log WHERE seq > :s"), {"s": keep.seq})
+        s.execute(text("UPDATE audit_head SET last_seq = :s, last_hash = :h"),
+                  {"s": keep.seq, "h": keep.hash})
+        s.commit()
+    assert api.client.get(verify, headers=api.admin).json()["ok"] is True  # MACs hold ...
+    body = api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()
+    assert body["ok"] is False and body["first_bad"] == keep.seq + 1, body  # ... the cut shows
+    forged = {**cp, "seq": keep.seq, "count": keep.seq, "hash": keep.hash}
+    body = api.client.post(verify, json={"checkpoints": [forged]}, headers=api.admin).json()
+    assert body["ok"] is False and "not signed" in body["reason"], body
+    error(api.client.post(verify, json={"checkpoints": [{**cp, "mac": "zz"}]},
+                          headers=api.admin), 400, "invalid_request")
+    with api.sessions() as s:  # put the tail back for the tests after this one
+        for row in tail:
+            columns = ", ".join(row.keys())
+            values = ", ".join(f":{k}" for k in row.keys())
+            s.execute(text(f"INSERT INTO audit_log ({columns}) VALUES ({values})"), dict(row))  # noqa: S608
+        s.execute(text("UPDATE audit_head SET last_seq = :s, last_hash = :h"),
+                  {"s": head[0], "h": head[1]})
+        s.commit()
+    assert api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()["ok"]

@@ -4,6 +4,7 @@ and 503 answers while the database is down."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -84,7 +85,8 @@ def test_a_database_that_is_down_is_503_with_retry_after_and_one_log_line(
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "temporarily_unavailable"
         assert r.headers["Retry-After"] == "3"
-    lines = [rec for rec in caplog.records if rec.name.startswith("server.")]
+    assert not [rec for rec in caplog.records if rec.exc_info]  # no traceback anywhere
+    lines = [rec for rec in caplog.records if rec.name == "server.api.errors"]
     assert len(lines) == len(answers)
     for rec, r in zip(lines, answers, strict=True):
         assert rec.levelno == logging.WARNING and rec.exc_info is None
@@ -215,3 +217,39 @@ def test_sign_hash_bad_bodies_are_400_and_echo_no_secret(api: Api, version: str)
     r = api.client.post(path, content=b'{"SAD": "' + b"a" * (MAX_BODY + 1) + b'"}',
                         headers={**auth, "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+
+
+# --- odd input never reaches a 500 or the database (findings 7 and 11) ------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("token", ["\ud800", "\udfff", "a\ud800b", "\x00", "x" * 10_000])
+def test_odd_refresh_tokens_are_400_not_500(api: Api, version: str, token: str) -> None:
+    """The review's unauthenticated 500: a lone surrogate in a refresh token reached
+    token_digest's encode(); now the body is refused while it is validated."""
+    body = json.dumps({"refresh_token": token})  # ASCII JSON: "\ud800" as its escape
+    r = api.client.post(f"/csc/{version}/auth/login", content=body,
+                        headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+
+
+def test_overlong_names_are_refused_before_the_database(api: Api) -> None:
+    """A 10,000-character user name was stored in a 256-character column (the login's audit
+    record); every field has a limit, HTTP Basic credentials and path segments included."""
+    user = api.csc_login(api.user(prefix="long"))
+    before = len(api.client.get("/api/v1/admin/audit/export", headers=api.admin).json())
+    long_name = "a" * 10_000
+    cases = [
+        api.client.post("/csc/v2/auth/login", json={}, auth=(long_name, "password1")),
+        api.client.post("/csc/v2/auth/login", json={}, auth=("alice", "p" * 10_000)),
+        api.client.post("/api/v1/auth/login",
+                        json={"username": long_name, "password": "x", "otp": "123456"}),
+        api.client.post("/api/v1/admin/users", json={"name": long_name}, headers=api.admin),
+        api.client.post(f"/api/v1/admin/users/{long_name}/disable", headers=api.admin),
+        api.client.post("/csc/v2/credentials/info", json={"credentialID": "c" * 10_000},
+                        headers=user),
+    ]
+    for r in cases:
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    after = api.client.get("/api/v1/admin/audit/export", headers=api.admin).json()
+    assert len(after) == before  # nothing reached a service

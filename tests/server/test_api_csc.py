@@ -25,6 +25,7 @@ from pgcluster import PgCluster
 from sqlalchemy import select, update
 
 from server.app import create_app
+from server.config import Policy
 from server.hsm import KeyAlg, KeyRef
 from server.models import Credential, Sad, utcnow
 from server.services import audit
@@ -49,13 +50,17 @@ def cert_of(api: Api, headers: dict[str, str], cred: str) -> x509.Certificate:
 
 
 def authorize(
-    api: Api, user: Enrolled, headers: dict[str, str], digests: list[bytes], **extra: Any
+    api: Api, user: Enrolled, headers: dict[str, str], digests: list[bytes], *,
+    otp: bool = True, **extra: Any,
 ) -> Any:
+    """credentials/authorize (v1 body) with the PIN and, unless ``otp`` is False (a request
+    refused before its OTP is looked at), a fresh TOTP: the server's default policy."""
     body = {
         "credentialID": user.credentials["9c"],
         "numSignatures": len(digests),
         "hash": [b64(d) for d in digests],
         "PIN": user.pin,
+        **({"OTP": user.otp()} if otp else {}),
         **extra,
     }
     return api.client.post("/csc/v1/credentials/authorize", json=body, headers=headers)
@@ -84,8 +89,9 @@ def api_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return cluster.create_database()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def p256(api: Api) -> Enrolled:
+    """A fresh user per test: each authorization spends a TOTP time step of its user."""
     return api.user(alg="p256", prefix="ec")
 
 
@@ -125,6 +131,7 @@ def test_credentials_info_v1_is_what_pyhanko_reads(api: Api, rsa_user: Enrolled)
     assert body["SCAL"] == "2"
     assert int(body["multisign"]) >= 1
     assert body["authMode"] == "explicit" and body["PIN"]["presence"] == "true"
+    assert body["OTP"]["presence"] == "true"  # by default, beside the PIN (finding 10)
     chain = [x509.load_der_x509_certificate(base64.b64decode(c))
              for c in body["cert"]["certificates"]]
     assert len(chain) == 2
@@ -216,7 +223,8 @@ def test_v2_rsa_pkcs1_and_pss_round_trips(api: Api, rsa_user: Enrolled) -> None:
         "/csc/v2/credentials/authorize",
         json={"credentialID": rsa_user.credentials["9c"], "numSignatures": 2,
               "hashes": [b64(d1), b64(d2)], "hashAlgorithmOID": SHA256,
-              "authData": [{"id": "PIN", "value": rsa_user.pin}]},
+              "authData": [{"id": "PIN", "value": rsa_user.pin},
+                           {"id": "OTP", "value": rsa_user.otp()}]},
         headers=h,
     )
     assert r.status_code == 200, r.text
@@ -310,21 +318,50 @@ def test_inferred_hash_algorithm_is_enforced_at_sign_hash(api: Api) -> None:
     assert sign(api, user, h, sad, [d], ECDSA_SHA256).status_code == 200
 
 
+def extend(api: Api, user: Enrolled, headers: dict[str, str], sad: str,
+           digests: list[bytes] | None = None) -> Any:
+    body = {"credentialID": user.credentials["9c"], "SAD": sad}
+    if digests is not None:
+        body["hash"] = [b64(d) for d in digests]
+    return api.client.post("/csc/v1/credentials/extendTransaction", json=body, headers=headers)
+
+
 def test_extend_transaction_moves_the_budget_to_a_new_sad(api: Api, p256: Enrolled) -> None:
     h = api.csc_login(p256)
     d1, d2 = digest("first"), digest("nested")
-    r = authorize(api, p256, h, [d1], numSignatures=2)
-    old = r.json()["SAD"]
+    old = authorize(api, p256, h, [d1, d2]).json()["SAD"]
     assert sign(api, p256, h, old, [d1]).status_code == 200
-    r = api.client.post(
-        "/csc/v1/credentials/extendTransaction",
-        json={"credentialID": p256.credentials["9c"], "SAD": old, "hash": [b64(d2)]},
-        headers=h,
-    )
+    r = extend(api, p256, h, old, [d2])
     assert r.status_code == 200, r.text
     new = r.json()["SAD"]
     assert_error(sign(api, p256, h, old, [d2]), 400)
     assert sign(api, p256, h, new, [d2]).status_code == 200
+
+
+def test_extend_transaction_cannot_widen_an_authorization(api: Api) -> None:
+    """Finding 1, as an attacker holding a SAD (or the session that got it) of a credential
+    enrolled --otp-per-signature: extendTransaction takes no PIN and no OTP, so it must not
+    re-pin the SAD to documents the user never saw, grow its count, or outlive it."""
+    user = api.user(alg="p256", otp_per_signature=True)
+    h = api.csc_login(user)
+    seen, also_seen, unseen = digest("contract p.1"), digest("contract p.2"), digest("evil")
+    sad = authorize(api, user, h, [seen, also_seen]).json()["SAD"]
+    assert sign(api, user, h, sad, [seen]).status_code == 200
+    for digests in ([unseen], [seen], [also_seen, also_seen]):
+        assert_error(extend(api, user, h, sad, digests), 400)  # not pinned, signed, too many
+    with api.sessions() as s:  # the authorization has 20 s left
+        s.execute(update(Sad).where(Sad.remaining > 0)
+                  .values(expires_at=utcnow() + timedelta(seconds=20)))
+        s.commit()
+    for _ in range(3):  # a chain of extensions ends with the authorization
+        r = extend(api, user, h, sad, [also_seen])
+        assert r.status_code == 200, r.text
+        assert r.json()["expiresIn"] <= 20
+        sad = r.json()["SAD"]
+    assert_error(sign(api, user, h, sad, [unseen]), 400)
+    assert_error(sign(api, user, h, sad, [also_seen, also_seen]), 400)
+    assert sign(api, user, h, sad, [also_seen]).status_code == 200
+    assert_error(extend(api, user, h, sad), 400)  # used up: nothing left to extend
 
 
 # --- factors: PIN counters and OTP ---------------------------------------------------------
@@ -335,10 +372,10 @@ def test_three_wrong_pins_block_and_survive_a_restart(api: Api) -> None:
     h = api.csc_login(user)
     d = digest("pin")
     for left in (2, 1, 0):
-        r = authorize(api, user, h, [d], PIN="000000")
+        r = authorize(api, user, h, [d], otp=False, PIN="000000")
         assert_error(r, 400, "invalid_pin")
         assert f"{left} tries left" in r.json()["error_description"]
-    assert_error(authorize(api, user, h, [d]), 403, "pin_blocked")
+    assert_error(authorize(api, user, h, [d], otp=False), 403, "pin_blocked")
     # A new app instance (a restarted server) over the same database still refuses.
     from fastapi.testclient import TestClient
 
@@ -362,19 +399,29 @@ def test_a_sad_is_useless_once_the_pin_is_blocked(api: Api) -> None:
     d = digest("blocked later")
     sad = authorize(api, user, h, [d]).json()["SAD"]
     for _ in range(3):
-        authorize(api, user, h, [d], PIN="999999")
+        authorize(api, user, h, [d], otp=False, PIN="999999")
     assert_error(sign(api, user, h, sad, [d]), 403, "pin_blocked")
 
 
-def test_otp_per_signature(api: Api) -> None:
-    user = api.user(alg="p256", otp_per_signature=True)
+@pytest.mark.parametrize("per_signature", [True, False], ids=["otp-per-signature", "default"])
+def test_authorize_needs_a_fresh_otp_beside_the_pin(api: Api, per_signature: bool) -> None:
+    """Finding 10: CSC auth/login takes the password alone, so by default every
+    credentials/authorize needs a fresh TOTP beside the PIN (not only --otp-per-signature
+    credentials), and credentials/info says so; one authorization covers a whole batch."""
+    user = api.user(alg="p256", otp_per_signature=per_signature)
     h = api.csc_login(user)
     d = digest("otp")
-    assert_error(authorize(api, user, h, [d]), 400, "invalid_otp")
-    assert_error(authorize(api, user, h, [d], OTP="000000"), 400, "invalid_otp")
+    assert_error(authorize(api, user, h, [d], otp=False), 400, "invalid_otp")
+    assert_error(authorize(api, user, h, [d], otp=False, OTP="000000"), 400, "invalid_otp")
     code = user.otp()
-    assert authorize(api, user, h, [d], OTP=code).status_code == 200
-    assert_error(authorize(api, user, h, [d], OTP=code), 400, "invalid_otp")  # step reused
+    batch = [digest(f"page {i}") for i in range(5)]
+    r = authorize(api, user, h, batch, otp=False, OTP=code)
+    assert r.status_code == 200, r.text
+    assert sign(api, user, h, r.json()["SAD"], batch).status_code == 200
+    assert_error(authorize(api, user, h, [d], otp=False, OTP=code), 400, "invalid_otp")  # reused
+    r = api.client.post("/csc/v2/credentials/info",
+                        json={"credentialID": user.credentials["9c"]}, headers=h)
+    assert r.json()["auth"]["expression"] == "PIN AND OTP"
     r = api.client.post(
         "/csc/v2/credentials/authorize",
         json={"credentialID": user.credentials["9c"], "numSignatures": 1, "hashes": [b64(d)],
@@ -382,6 +429,28 @@ def test_otp_per_signature(api: Api) -> None:
         headers=h,
     )
     assert r.status_code == 200, r.text
+
+
+def test_the_server_setting_relaxes_the_otp_for_ordinary_credentials(api: Api) -> None:
+    """``policy.csc_authorize_otp: false``: PIN alone, except for --otp-per-signature keys."""
+    from fastapi.testclient import TestClient
+
+    relaxed = api.settings.model_copy(update={"policy": Policy(csc_authorize_otp=False)})
+    hsm_ = api.client.app.state.hsm  # type: ignore[attr-defined]
+    plain, strict = api.user(alg="p256"), api.user(alg="p256", otp_per_signature=True)
+    with TestClient(create_app(relaxed, hsm=hsm_, sessions=api.sessions)) as client:
+        for user, needs_otp in ((plain, False), (strict, True)):
+            h = api.csc_login(user)
+            r = client.post("/csc/v1/credentials/info",
+                            json={"credentialID": user.credentials["9c"]}, headers=h)
+            assert r.json()["OTP"]["presence"] == ("true" if needs_otp else "false")
+            r = client.post("/csc/v1/credentials/authorize", headers=h, json={
+                "credentialID": user.credentials["9c"], "numSignatures": 1,
+                "hash": [b64(digest("relaxed"))], "PIN": user.pin})
+            if needs_otp:
+                assert_error(r, 400, "invalid_otp")
+            else:
+                assert r.status_code == 200, r.text
 
 
 # --- tokens and bad input ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from relay.dpop import DeviceKey, DpopAuth
 from server.models import utcnow
+from server.services.dpop import b64url
 
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
@@ -126,10 +127,56 @@ def test_decryption_only_with_the_9d_key(api: Api, rsa_user: Enrolled) -> None:
     ciphertext = public.encrypt(b"session key", padding.PKCS1v15())
     block = result(op(api, rsa_user, "9d", "decrypt", "block", ciphertext))
     assert block[:2] == b"\x00\x02" and block.endswith(b"\x00session key") and len(block) == 256
-    # The 9D key signs nothing, and a ciphertext that does not decrypt to type 2 is refused
-    # (it would make 9D a raw signing oracle).
+    # The 9D key signs nothing.
     error(op(api, rsa_user, "9d", "rsa-raw", "block", pkcs1_block(b"x")), 403, "forbidden")
-    error(op(api, rsa_user, "9d", "decrypt", "block", pkcs1_block(b"x")), 400, "invalid_padding")
+
+
+def test_the_9d_key_is_neither_a_padding_oracle_nor_a_signing_oracle(api: Api) -> None:
+    """Finding 3, as the attacker of the review: to forge a PKCS#1 signature of M with the
+    key-management key, blind it (c = M·s^e) and ask for decryptions until one conforms; its
+    answer unblinds to M^d. Now every answer is a well-formed type-2 block (same status, same
+    length, deterministic), none is the raw c^d, so none unblinds to a signature, the queries
+    stop at the decryption budget, and the refusal is audited."""
+    user = api.user(alg="rsa2048", prefix="oracle")
+    api.login(user)
+    assert api.verify_pin(user).status_code == 200
+    public = certs(api, user)["9d"].public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    n, e = public.public_numbers().n, public.public_numbers().e
+    target = int.from_bytes(pkcs1_block(b"wire 1,000,000 to mallory"), "big")
+    budget = api.settings.policy.decrypt_budget
+    answers: dict[int, bytes] = {}
+    for _ in range(budget - 2):
+        s = int.from_bytes(os.urandom(255), "big") % n
+        c = target * pow(s, e, n) % n
+        r = op(api, user, "9d", "decrypt", "block", c.to_bytes(256, "big"))
+        answer = result(r)  # 200 whatever the padding: nothing to learn from the status
+        assert len(answer) == 256 and answer[:2] == b"\x00\x02", answer[:2]
+        y = int.from_bytes(answer, "big")
+        assert pow(y, e, n) != c  # never the raw result ...
+        assert pow(y * pow(s, -1, n) % n, e, n) != target  # ... so never a signature of M
+        answers[c] = answer
+    c, first = next(iter(answers.items()))
+    assert result(op(api, user, "9d", "decrypt", "block", c.to_bytes(256, "big"))) == first
+    genuine = public.encrypt(b"session key", padding.PKCS1v15())
+    answer = result(op(api, user, "9d", "decrypt", "block", genuine))
+    assert answer.endswith(b"\x00session key")
+    assert pow(int.from_bytes(answer, "big"), e, n) != int.from_bytes(genuine, "big")
+    # The budget of this key for this login is spent: an audited refusal, not an answer.
+    r = op(api, user, "9d", "decrypt", "block", genuine)
+    error(r, 429, "decryption_budget_exhausted")
+    events = api.client.get("/api/v1/admin/audit/export", headers=api.admin).json()
+    refused = [x for x in events if x["event"] == "key.refused"
+               and x["subject"] == f"credential:{user.credentials['9d']}"]
+    assert [x["details"]["reason"] for x in refused] == ["decryption_budget_exhausted"]
+    decrypts = [x for x in events if x["event"] == "decrypt"
+                and x["subject"] == f"credential:{user.credentials['9d']}"]
+    # The records of conforming and forged ciphertexts say the same (but for the request id).
+    same = [{k: v for k, v in x["details"].items() if k != "request"} for x in decrypts]
+    assert len(decrypts) == budget and all(d == same[0] for d in same)
+    api.login(user)  # another login has its own budget
+    api.verify_pin(user)
+    assert result(op(api, user, "9d", "decrypt", "block", genuine)).endswith(b"\x00session key")
 
 
 # --- EC and EdDSA --------------------------------------------------------------------------
@@ -239,6 +286,71 @@ def test_pin_counters_block_and_the_puk_unblocks(api: Api) -> None:
     assert api.verify_pin(user, "13571357").status_code == 200
 
 
+def test_a_pin_verification_does_not_outlive_a_block_an_unblock_or_a_puk_reset(
+    api: Api,
+) -> None:
+    """Finding 6, as an attacker whose session (a stolen device's) verified the PIN once: the
+    owner's PIN gets blocked, an administrator unblocks it, the owner resets it with the PUK;
+    after each, the attacker's session must verify the new PIN before it uses a key again."""
+    user = api.user(alg="p256")
+    attacker = api.login(user)
+    owner = api.login(user)
+    digest = hashlib.sha256(b"after the reset").digest()
+
+    def attack() -> httpx.Response:
+        return api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                               json={"digest": b64(digest)}, auth=attacker)
+
+    def verified() -> bool:
+        r = api.client.get("/api/v1/pin/status", auth=attacker)
+        return bool(r.json()["verified"])
+
+    def block() -> None:
+        for _ in range(3):
+            api.client.post("/api/v1/pin/verify", json={"pin": "00000000"}, auth=owner)
+
+    assert api.client.post("/api/v1/pin/verify", json={"pin": user.pin},
+                           auth=attacker).status_code == 200
+    assert attack().status_code == 200
+    block()
+    assert not verified()
+    r = api.client.post(f"/api/v1/admin/users/{user.name}/unblock", headers=api.admin)
+    new_pin = r.json()["pin"]
+    error(attack(), 403, "pin_required")
+
+    assert api.client.post("/api/v1/pin/verify", json={"pin": new_pin},
+                           auth=attacker).status_code == 200
+    r = api.client.post("/api/v1/pin/unblock", json={"puk": user.puk, "new_pin": "86428642"},
+                        auth=owner)
+    assert r.status_code == 204, r.text
+    assert not verified()
+    error(attack(), 403, "pin_required")
+
+
+def test_otp_per_signature_holds_on_piv_operations(api: Api) -> None:
+    """Finding 2, as an attacker with the user's device session and PIN but not their
+    authenticator: an ECDSA signature with the 9C key of an --otp-per-signature credential
+    needs a fresh TOTP on /api/v1 as on CSC (keyuse.check_otp); a reused one is refused."""
+    user = api.user(alg="p256", otp_per_signature=True)
+    api.login(user)
+    digest = hashlib.sha256(b"sole control").digest()
+    url = f"/api/v1/credentials/{user.credentials['9c']}/ecdsa"
+    api.verify_pin(user)
+    error(api.client.post(url, json={"digest": b64(digest)}, auth=user.auth), 400, "invalid_otp")
+    code = user.otp()
+    api.verify_pin(user)
+    sig = result(api.client.post(url, json={"digest": b64(digest), "otp": code}, auth=user.auth))
+    public = certs(api, user)["9c"].public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    api.verify_pin(user)
+    r = api.client.post(url, json={"digest": b64(digest), "otp": code}, auth=user.auth)
+    error(r, 400, "invalid_otp")
+    # The other keys of the user keep their own policy: 9A needs no TOTP.
+    assert api.client.post(f"/api/v1/credentials/{user.credentials['9a']}/ecdsa",
+                           json={"digest": b64(digest)}, auth=user.auth).status_code == 200
+
+
 def test_piv_operations_need_the_second_factor_and_ownership(
     api: Api, ec_user: Enrolled
 ) -> None:
@@ -274,14 +386,52 @@ def test_logout_ends_the_session_and_refresh_rotates(api: Api) -> None:
     rotated = r.json()
     assert rotated["token_type"] == "DPoP"
     error(api.client.get("/api/v1/pin/status", auth=first), 401, "unauthorized")
-    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": refresh}, auth=device)
-    error(r, 401, "unauthorized")
     h = DpopAuth(user.device, rotated["access_token"])
+    assert api.client.get("/api/v1/pin/status", auth=h).status_code == 200
     assert api.client.post("/api/v1/auth/logout", auth=h).status_code == 204
     error(api.client.get("/api/v1/pin/status", auth=h), 401, "unauthorized")
     r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]},
                         auth=device)
     error(r, 401, "unauthorized")
+
+
+def test_a_reused_refresh_token_revokes_its_whole_family(api: Api) -> None:
+    """Finding 9, as a thief who copied a refresh token: the owner rotates it first; when the
+    copy is presented again the server cannot tell who is who, so the whole login ends (the
+    owner's new tokens too) and the reuse is audited (RFC 9700 §4.14.2)."""
+    user = api.user(alg="p256")
+    api.login(user)
+    stolen = user.refresh_token
+    device = DpopAuth(user.device)
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": stolen}, auth=device)
+    assert r.status_code == 200, r.text
+    owner = DpopAuth(user.device, r.json()["access_token"])
+    owner_refresh = r.json()["refresh_token"]
+    assert api.client.get("/api/v1/pin/status", auth=owner).status_code == 200
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": stolen}, auth=device)
+    error(r, 401, "unauthorized")
+    error(api.client.get("/api/v1/pin/status", auth=owner), 401, "unauthorized")
+    r = api.client.post("/api/v1/auth/refresh", json={"refresh_token": owner_refresh},
+                        auth=device)
+    error(r, 401, "unauthorized")
+    # The same through CSC auth/login's refresh_token (unbound tokens, rememberMe).
+    r = api.client.post("/csc/v2/auth/login", json={"rememberMe": True},
+                        auth=(user.name, PASSWORD))
+    first = r.json()["refresh_token"]
+    r = api.client.post("/csc/v2/auth/login", json={"refresh_token": first})
+    assert r.status_code == 200, r.text
+    rotated = r.json()
+    error(api.client.post("/csc/v2/auth/login", json={"refresh_token": first}), 401)
+    r = api.client.post("/csc/v2/credentials/list", json={},
+                        headers={"Authorization": f"Bearer {rotated['access_token']}"})
+    error(r, 401, "unauthorized")
+    error(api.client.post("/csc/v2/auth/login", json={"refresh_token": rotated["refresh_token"]}),
+          401)
+    events = api.client.get("/api/v1/admin/audit/export", headers=api.admin).json()
+    reused = [e for e in events if e["event"] == "login.refresh.reused"
+              and e["subject"] == f"user:{user.name}"]
+    # Every presentation of a revoked refresh token: the two copies, then the owner's own.
+    assert len(reused) == 4 and reused[0]["details"]["device_bound"] is True
 
 
 def login_as(api: Api, user: Enrolled, otp: str, password: str = PASSWORD,
@@ -355,6 +505,9 @@ def test_a_replayed_or_misbound_proof_is_refused(api: Api, ec_user: Enrolled) ->
         key.proof("GET", url, access_token=token, now=stale),
         key.proof("GET", url, access_token=token)[:-4] + "AAAA",  # a forged signature
         "not.a.jwt",
+        b64url(b"[1]") + ".e30.AAAA",  # a header that is not an object
+        b64url(b"\xff\xfe") + ".e30.AAAA",  # nor UTF-8
+        "!" + key.proof("GET", url, access_token=token),  # a signed header behind junk
     ):
         error(send(bad), 401, "invalid_dpop_proof")
     two = (key.proof("GET", url, access_token=token), key.proof("GET", url, access_token=token))

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from server import cli
 from server.adminclient import AdminApiError, AdminClient
+from server.config import Policy, Settings
 
 Handler = Callable[[httpx.Request], httpx.Response]
 ENROLLED = {
@@ -119,6 +120,39 @@ def test_audit_verify_ok(api: Any) -> None:
     assert res.exit_code == 0 and "audit log OK: 9 records" in res.stdout
 
 
+def test_audit_verify_sends_the_latest_checkpoint_of_the_file(api: Any, tmp_path: Path) -> None:
+    cps = [{"seq": n, "hash": "a" * 64, "count": n, "time": "t", "mac": "b" * 64}
+           for n in (3, 9, 5)]
+    path = tmp_path / "audit-checkpoints.jsonl"
+    path.write_text("".join(json.dumps(cp) + "\n" for cp in cps) + "\n")
+    seen = api(lambda r: httpx.Response(200, json={"ok": True, "records": 12}))
+    res = admin("audit", "verify", "--checkpoint", str(path))
+    assert res.exit_code == 0, res.output
+    assert "audit log OK: 12 records, checkpoint 9 held" in res.stdout
+    (req,) = seen
+    assert (req.method, req.url.path) == ("POST", "/api/v1/admin/audit/verify")
+    assert json.loads(req.content) == {"checkpoints": [cps[1]]}
+    path.write_text("not json\n")
+    res = admin("audit", "verify", "--checkpoint", str(path))
+    assert res.exit_code == 1 and res.stderr == f"Error: {path}:1: not a checkpoint\n"
+
+
+def test_audit_checkpoint_appends_to_a_file(api: Any, tmp_path: Path) -> None:
+    cp = {"seq": 4, "hash": "a" * 64, "count": 4, "time": "t", "mac": "b" * 64}
+    api(lambda r: httpx.Response(200, json=cp))
+    path = tmp_path / "kept.jsonl"
+    for _ in range(2):
+        assert admin("audit", "checkpoint", "--append", str(path)).exit_code == 0
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [cp, cp]
+
+
+def test_user_unlock(api: Any) -> None:
+    seen = api(lambda r: httpx.Response(200, json={"name": "bob", "login_locked": False}))
+    res = admin("user", "unlock", "bob")
+    assert res.exit_code == 0 and res.stdout == "user bob unlocked\n"
+    assert (seen[0].method, seen[0].url.path) == ("POST", "/api/v1/admin/users/bob/unlock")
+
+
 def test_unreachable_server_is_one_line(api: Any) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
@@ -196,3 +230,22 @@ def test_server_run_on_a_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.server_app, ["run", "--data", str(tmp_path / "nope")])
     assert res.exit_code == 1
     assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1
+
+
+def test_server_status_prints_the_policy(tmp_path: Path) -> None:
+    """Finding 10: whether CSC authorizations need a TOTP is a server setting, and `server
+    status` says which one is in force."""
+    settings = Settings.for_data_dir(tmp_path, db_url="postgresql://u:secret@db/cb")
+    settings.save()
+    res = CliRunner().invoke(cli.server_app, ["status", "--data", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    status = json.loads(res.stdout)
+    assert status["policy"]["csc_authorize_otp"] is True
+    assert status["policy"] == Policy().model_dump(mode="json")
+    assert "secret" not in res.stdout and status["database"] == "postgresql://u:***@db/cb"
+    settings.policy = Policy(csc_authorize_otp=False)
+    settings.save()
+    res = CliRunner().invoke(cli.server_app, ["status", "--data", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stdout.splitlines() if "csc_authorize_otp" in x)
+    assert line.split() == ["csc_authorize_otp:", "false"]

@@ -37,6 +37,7 @@ from live_server import (
     credential_for,
     enroll_user,
     free_port,
+    set_policy,
     start_server,
 )
 from pgcluster import PgCluster
@@ -112,6 +113,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         joined = cardbridge("server", "join", "--data", base / "node-b", "--db", db_url, *common,
                             "--node-name", "node-b", env=hsm.client_env, timeout=300)  # fmt: skip
         assert "admin-token" not in joined.stdout and "tls" in joined.stdout
+        for name in NODES:  # the signing loops authorize many times a minute: PIN alone
+            set_policy(base / name, csc_authorize_otp=False)
         for name, workers in (("node-a", 2), ("node-b", 1)):
             nodes[name] = start_server(
                 base / name, port=ports[name], workers=workers, env=hsm.client_env
@@ -458,7 +461,8 @@ def test_network_hsm_restart_answers_503_then_recovers(cluster: Cluster) -> None
     def sign_once(n: int) -> httpx.Response:
         d = digest(f"hsm-restart {n}")
         auth = authorize(http, headers, cred, pin, d)
-        assert auth.status_code == 200, auth.text  # the database still answers
+        if auth.status_code != 200:  # its audit record's MAC needs the HSM too
+            return auth
         return sign(http, headers, cred, auth.json()["SAD"], d)
 
     assert sign_once(0).status_code == 200

@@ -7,7 +7,9 @@ stays blocked across a restart until the PUK or an administrator unblocks it.
 from __future__ import annotations
 
 import hashlib
+import socket
 import sqlite3
+import ssl
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import httpx
 import pyotp
 import pytest
 from live_server import (
+    Authenticator,
     LiveServer,
     ca_context,
     cardbridge,
@@ -28,6 +31,7 @@ from live_server import (
 )
 
 from relay.dpop import DeviceKey, DpopAuth
+from server.services import audit
 
 pytestmark = [pytest.mark.hsm, pytest.mark.slow]
 
@@ -85,6 +89,39 @@ def test_init_creates_everything_and_a_second_run_destroys_nothing(harness: Harn
     assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
     assert harness.after_second == harness.before_second
     assert "nothing to create" in harness.second_init
+
+
+def _handshake(server: LiveServer, version: ssl.TLSVersion, ciphers: str | None) -> str | None:
+    """Connect with only ``version`` (and ``ciphers``); the suite agreed on, or None."""
+    ctx = ca_context(server.data)
+    ctx.minimum_version = ctx.maximum_version = version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cipher = tls.cipher()
+            return cipher[0] if cipher else None
+    except ssl.SSLError:
+        return None
+
+
+def test_tls_offers_aead_suites_only(server: LiveServer) -> None:
+    """Finding 11: TLS 1.2 accepted CBC suites. Now TLS 1.2 with ECDHE and AES-GCM or
+    ChaCha20-Poly1305, or TLS 1.3; CBC suites and static RSA key exchange are refused."""
+    tls12 = ssl.TLSVersion.TLSv1_2
+    for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384",
+                "ECDHE-ECDSA-AES128-SHA256", "AES128-SHA", "AES256-GCM-SHA384"):
+        assert _handshake(server, tls12, cbc) is None, cbc
+    assert _handshake(server, tls12, "ECDHE-ECDSA-AES128-GCM-SHA256") == (
+        "ECDHE-ECDSA-AES128-GCM-SHA256"
+    )
+    assert _handshake(server, tls12, "ECDHE-ECDSA-CHACHA20-POLY1305") is not None
+    assert _handshake(server, tls12, None) in (
+        "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    )
+    assert _handshake(server, ssl.TLSVersion.TLSv1_3, None) is not None
 
 
 def test_user_add_list_enroll_and_audit_verify(server: LiveServer) -> None:
@@ -232,13 +269,83 @@ def test_tampered_audit_log_fails_verify_and_names_the_record(
     assert server.admin("audit", "verify").returncode == 0
 
 
+def _cut(con: sqlite3.Connection, keep: int) -> None:
+    con.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
+    row = con.execute("SELECT hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()
+    con.execute("UPDATE audit_head SET last_seq = ?, last_hash = ?",
+                (keep, row[0] if row else audit.GENESIS_HASH))
+
+
+def _rechain(con: sqlite3.Connection, seq: int) -> None:
+    """Edit record ``seq`` and recompute every hash after it and the head: a consistent hash
+    chain, as whoever can write the database can make one."""
+    con.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = ?", (seq,))
+    (prev,) = con.execute("SELECT hash FROM audit_log WHERE seq = ?", (seq - 1,)).fetchone()
+    rows = con.execute("SELECT seq, time, actor, event, subject, details FROM audit_log "
+                       "WHERE seq >= ? ORDER BY seq", (seq,)).fetchall()
+    for n, time, actor, event, subject, details in rows:
+        digest = audit.record_hash(n, time, actor, event, subject, details, prev)
+        con.execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?",
+                    (prev, digest, n))
+        prev = digest
+    con.execute("UPDATE audit_head SET last_hash = ?", (prev,))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [lambda con, last: _cut(con, last - 2), lambda con, last: _cut(con, 0),
+     lambda con, last: _rechain(con, 2)],
+    ids=["truncate", "wipe", "rechain"],
+)
+def test_audit_verify_with_a_checkpoint_catches_cuts_and_rewrites(
+    server: LiveServer, tmp_path: Path, tamper: Any
+) -> None:
+    """Finding 4 through the CLI: a checkpoint the admin kept outside the database (and the one
+    the server exported when it started) holds; then whoever can write the database cuts the
+    chain back, wipes it, or re-chains an edit: `audit verify --checkpoint` fails."""
+    exported = server.data / "audit-checkpoints.jsonl"
+    assert exported.is_file() and stat.S_IMODE(exported.stat().st_mode) == 0o600
+    assert server.admin("audit", "verify", "--checkpoint", str(exported)).returncode == 0
+    server.admin("user", "add", f"cut-{tmp_path.name}"[:64], "--password-stdin",
+                 input=PASSWORD + "\n")
+    kept = tmp_path / "kept.jsonl"
+    server.admin("audit", "checkpoint", "--append", str(kept))
+    ok = server.admin("audit", "verify", "--checkpoint", str(kept))
+    assert "checkpoint" in ok.stdout and "held" in ok.stdout
+    con = _db(server.data)
+    try:
+        rows = con.execute("SELECT * FROM audit_log ORDER BY seq").fetchall()
+        head = con.execute("SELECT last_seq, last_hash FROM audit_head").fetchone()
+        con.execute("BEGIN")
+        tamper(con, head[0])
+        con.execute("COMMIT")
+        res = server.admin("audit", "verify", "--checkpoint", str(kept), check=False)
+        assert res.returncode != 0
+        assert "audit log BROKEN at record" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    finally:
+        con.execute("BEGIN")
+        con.execute("DELETE FROM audit_log")
+        marks = ",".join("?" * len(rows[0]))
+        con.executemany(f"INSERT INTO audit_log VALUES ({marks})", rows)  # noqa: S608
+        con.execute("UPDATE audit_head SET last_seq = ?, last_hash = ?", head)
+        con.execute("COMMIT")
+        con.close()
+    assert server.admin("audit", "verify", "--checkpoint", str(kept)).returncode == 0
+
+
 # -- PIN blocking across a restart ----------------------------------------------------------
 
 
-def _authorize(server: LiveServer, token: str, cred: str, pin: str) -> httpx.Response:
+def _authorize(
+    server: LiveServer, token: str, cred: str, pin: str, app: Authenticator | None = None
+) -> httpx.Response:
+    """credentials/authorize with the PIN, and a fresh TOTP from ``app`` (the default policy
+    needs one; a request refused for its PIN first is sent without)."""
+    otp = {"OTP": app.code()} if app is not None else {}
     return server.http.post(
         "/csc/v1/credentials/authorize",
-        json={"credentialID": cred, "numSignatures": 1, "hash": [DIGEST], "PIN": pin},
+        json={"credentialID": cred, "numSignatures": 1, "hash": [DIGEST], "PIN": pin, **otp},
         headers={"Authorization": f"Bearer {token}"},
     )
 
@@ -259,9 +366,10 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     server = harness.server
     enrollment = enroll_user(server, "bob", PASSWORD, alg="p256")
     pin, puk = enrollment["pin"], enrollment["puk"]
+    app = Authenticator(pyotp.parse_uri(enrollment["otp_uri"]))
     cred = credential_for(enrollment, "9c")
     token = _csc_token(server, "bob")
-    assert _authorize(server, token, cred, pin).status_code == 200
+    assert _authorize(server, token, cred, pin, app).status_code == 200
 
     codes = [_authorize(server, token, cred, _wrong(pin)) for _ in range(3)]
     assert [r.json()["error"] for r in codes[:2]] == ["invalid_pin", "invalid_pin"]
@@ -274,7 +382,6 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert still.json()["error"] == "pin_blocked", still.text
 
     # The PUK unblocks and sets a new PIN (SP 800-73-4 RESET RETRY COUNTER, server-side).
-    totp = pyotp.parse_uri(enrollment["otp_uri"])
     device = DeviceKey.generate()
     enrolled = server.http.post(
         "/api/v1/devices/enroll",
@@ -283,7 +390,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert enrolled.status_code == 200, enrolled.text
     login = server.http.post(
         "/api/v1/auth/login",
-        json={"username": "bob", "password": PASSWORD, "otp": totp.now()},
+        json={"username": "bob", "password": PASSWORD, "otp": app.code()},
         auth=DpopAuth(device),
     )
     assert login.status_code == 200, login.text
@@ -294,7 +401,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
         auth=DpopAuth(device, login.json()["access_token"]),
     )
     assert unblocked.is_success, unblocked.text
-    assert _authorize(server, token, cred, new_pin).status_code == 200
+    assert _authorize(server, token, cred, new_pin, app).status_code == 200
 
     # Block again; this time the administrator unblocks and hands out a new PIN.
     for _ in range(3):
@@ -302,7 +409,7 @@ def test_three_wrong_pins_block_across_restart_until_puk_or_admin_unblock(
     assert _authorize(server, token, cred, new_pin).json()["error"] == "pin_blocked"
     out = server.admin("unblock", "bob").stdout
     admin_pin = out.split("new PIN:", 1)[1].strip()
-    assert _authorize(server, token, cred, admin_pin).status_code == 200
+    assert _authorize(server, token, cred, admin_pin, app).status_code == 200
     assert server.admin("audit", "verify").returncode == 0
 
 
@@ -316,16 +423,19 @@ def test_run_with_two_workers_serves_and_stops_cleanly(tmp_path: Path) -> None:
         enrollment = enroll_user(server, "w2", PASSWORD, alg="p256")
         token = _csc_token(server, "w2")
         cred = credential_for(enrollment, "9c")
+        otp = pyotp.parse_uri(enrollment["otp_uri"]).now()
+        auth = server.http.post(
+            "/csc/v2/credentials/authorize",
+            json={"credentialID": cred, "numSignatures": 4, "hashes": [DIGEST] * 4,
+                  "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
+                  "authData": [{"id": "PIN", "value": enrollment["pin"]},
+                               {"id": "OTP", "value": otp}]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert auth.status_code == 200, auth.text
         # Several connections, so both workers' HSM sessions sign.
         for _ in range(4):
             with httpx.Client(base_url=server.url, verify=ca_context(data), timeout=60) as http:
-                auth = http.post(
-                    "/csc/v2/credentials/authorize",
-                    json={"credentialID": cred, "numSignatures": 1, "hashes": [DIGEST],
-                          "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1", "PIN": enrollment["pin"]},
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                assert auth.status_code == 200, auth.text
                 signed = http.post(
                     "/csc/v2/signatures/signHash",
                     json={"credentialID": cred, "SAD": auth.json()["SAD"], "hashes": [DIGEST],

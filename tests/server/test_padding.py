@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Rule 3: which raw RSA blocks a signing key accepts, and which decrypted blocks pass."""
+"""Rule 3: which raw RSA blocks a signing key accepts, which decrypted blocks pass, and what a
+9D decryption answers instead of refusing (implicit rejection)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server import padding as rule3
 from server.algorithms import HASHES, Scheme
 from server.errors import PaddingRejected
-from server.padding import check_decrypted_block, check_signing_block
+from server.padding import check_decrypted_block, check_signing_block, implicit_rejection
 
 KEY = rsa.generate_private_key(65537, 2048)
 N = KEY.public_key().public_numbers().n
@@ -161,3 +163,58 @@ def test_pss_block_starting_like_pkcs1_is_still_accepted() -> None:
     sig = pow(int.from_bytes(em, "big"), KEY.private_numbers().d, N).to_bytes(K, "big")
     h = hashes.SHA256()
     KEY.public_key().verify(sig, m_hash, padding.PSS(padding.MGF1(h), 32), utils.Prehashed(h))
+
+
+# --- implicit rejection (finding 3) -----------------------------------------------------------
+
+NOT_TYPE2 = [
+    pytest.param(_pkcs1(_digest_info("sha256")), id="type-1"),
+    pytest.param(os.urandom(K), id="random"),
+    pytest.param(b"\x00\x02" + b"\x01" * 7 + b"\x00" + b"m" * (K - 10), id="ps-too-short"),
+    pytest.param(b"\x00\x02" + b"\x01" * (K - 2), id="no-separator"),
+    pytest.param(b"\x01\x02" + b"\x01" * 10 + b"\x00" + b"m" * (K - 13), id="bad-first-byte"),
+]
+
+
+def test_a_type2_block_keeps_its_message_under_a_fresh_padding() -> None:
+    kdk = os.urandom(32)
+    out = implicit_rejection(TYPE2, kdk)
+    assert len(out) == K and check_decrypted_block(out) == check_decrypted_block(TYPE2)
+    assert out != TYPE2  # never the raw result c^d: its PS comes from the key, not the block
+    assert implicit_rejection(TYPE2, kdk) == out
+    assert implicit_rejection(TYPE2, os.urandom(32)) != out
+
+
+@pytest.mark.parametrize("block", NOT_TYPE2)
+def test_anything_else_gets_a_synthetic_type2_block(block: bytes) -> None:
+    kdk = os.urandom(32)
+    out = implicit_rejection(block, kdk)
+    assert len(out) == K and out[:2] == b"\x00\x02"
+    message = check_decrypted_block(out)  # a well-formed block: the host unpads it
+    assert implicit_rejection(block, kdk) == out  # the same ciphertext, the same answer
+    assert check_decrypted_block(implicit_rejection(block, os.urandom(32))) != message
+
+
+def test_synthetic_messages_take_every_length_up_to_k_minus_11() -> None:
+    lengths = {len(check_decrypted_block(implicit_rejection(b"\x00" * K, os.urandom(32))))
+               for _ in range(2000)}
+    assert max(lengths) <= K - 11 and min(lengths) >= 0
+    assert len(lengths) > 200  # spread over the whole range, not a few fixed sizes
+
+
+def test_both_outcomes_cost_the_same_derivations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No early return: conforming or not, the same pseudo-random derivations run."""
+    calls: list[tuple[bytes, int]] = []
+    real = rule3._irprf
+
+    def counting(kdk: bytes, label: bytes, length: int) -> bytes:
+        calls.append((label, length > 0))
+        return real(kdk, label, length)
+
+    monkeypatch.setattr(rule3, "_irprf", counting)
+    kdk = os.urandom(32)
+    implicit_rejection(TYPE2, kdk)
+    conforming, calls[:] = list(calls), []
+    implicit_rejection(os.urandom(K), kdk)
+    assert sorted(calls) == sorted(conforming)
+    assert {label for label, _ in calls} == {b"message", b"length", b"padding"}

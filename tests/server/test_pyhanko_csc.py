@@ -158,8 +158,10 @@ def _pem_to_der(path: Path) -> bytes:
 def test_pyhanko_csc_signer_signs_and_validates(
     server: LiveServer, name: str, alg: str, prefer_pss: bool, mechanism: str
 ) -> None:
-    # One user per case: a TOTP time step is accepted once per user (rule 6).
-    enrollment = enroll_user(server, f"pdf-{name}", PASSWORD, alg=alg, otp_per_signature=True)
+    # One user per case: a TOTP time step is accepted once per user (rule 6). The server's
+    # default policy asks every authorization for one; --otp-per-signature keys too.
+    enrollment = enroll_user(server, f"pdf-{name}", PASSWORD, alg=alg,
+                             otp_per_signature=name == "pss")
     status, auth, signed = asyncio.run(sign_and_validate(server, enrollment, prefer_pss=prefer_pss))
 
     assert auth.authorizations == 1
@@ -181,9 +183,11 @@ def test_signhash_refuses_a_replayed_sad(server: LiveServer) -> None:
     cred = credential_for(enrollment, "9c")
     digest = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80="  # 32 bytes
     headers = {"Authorization": f"Bearer {token}"}
+    otp = pyotp.parse_uri(enrollment["otp_uri"]).now()
     auth = server.http.post(
         "/csc/v1/credentials/authorize",
-        json={"credentialID": cred, "numSignatures": 1, "hash": [digest], "PIN": enrollment["pin"]},
+        json={"credentialID": cred, "numSignatures": 1, "hash": [digest], "PIN": enrollment["pin"],
+              "OTP": otp},
         headers=headers,
     )
     assert auth.status_code == 200, auth.text

@@ -25,9 +25,10 @@ from sqlalchemy import update
 
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
+from server.hsm.secrets import ServerKeys
 from server.hsm.softhsm import SOFTHSM_MODULE
 from server.models import Deployment
-from server.services import audit, deployment, tokens
+from server.services import deployment, tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
@@ -50,6 +51,32 @@ def _run(function: str, data: Path, *args: str, env: dict[str, str] | None = Non
 
 def init(data: Path, *args: str) -> None:
     _run("init_data_dir", data, *args)
+
+
+def in_data_dir(data: Path, code: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``data``'s HSM (``hsm``) and database
+    (``engine``) open; returns its stdout."""
+    prelude = (
+        "import os, sys; from pathlib import Path\n"
+        "from server.config import Settings\n"
+        "from server.db import make_engine, session_factory\n"
+        "from server.hsm import Hsm\n"
+        "from server.hsm.secrets import ServerKeys\n"
+        "from server.services import audit, tokens\n"
+        "data = Path(sys.argv[1]); settings = Settings.load(data)\n"
+        "os.environ['SOFTHSM2_CONF'] = str(settings.softhsm_conf)\n"
+        "hsm = Hsm.open(settings.hsm_module, settings.token_label, settings.hsm_pin())\n"
+        "engine = make_engine(settings.db_url)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + code, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def snapshot(data: Path) -> dict[str, str]:
@@ -84,16 +111,18 @@ def test_init_creates_everything_once(tmp_path: Path) -> None:
     san = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
 
-    engine = make_engine(settings.db_url)
-    try:
-        with session_factory(engine)() as s:
-            token = (data / "admin-token").read_text().strip()
-            assert tokens.authenticate(s, token).kind == "admin"
-            assert audit.verify(s) is None
-            records = list(audit.export(s))
-            assert token not in str(records)
-    finally:
-        engine.dispose()
+    assert stat.S_IMODE((data / "cardbridge.db").stat().st_mode) == 0o600
+    # The data directory's own token (this process uses the shared test token): its server
+    # keys exist, the admin token works and the audit chain verifies with its MACs.
+    checked = in_data_dir(data, """
+token = (data / "admin-token").read_text().strip()
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert tokens.authenticate(s, token).kind == "admin"
+    assert audit.verify(s) is None
+    assert token not in str(list(audit.export(s)))
+print("checked")
+""")
+    assert checked == "checked\n"
 
     before = snapshot(data)
     init(data)  # re-run: nothing is replaced
@@ -150,12 +179,15 @@ def test_settings_written_with_absolute_paths_still_load(tmp_path: Path) -> None
     assert raw["ca_cert"] == "ca.pem" and raw["db_url"] == "sqlite:///cardbridge.db"
 
 
-def test_init_refuses_a_database_in_use_without_a_recorded_deployment(tmp_path: Path) -> None:
+@pytest.mark.hsm
+def test_init_refuses_a_database_in_use_without_a_recorded_deployment(
+    tmp_path: Path, server_keys: ServerKeys
+) -> None:
     """A deployment set up before deployments were recorded: its audit log is not empty."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     migrate(url)
     engine = make_engine(url)
-    with unit_of_work(session_factory(engine)()) as s:
+    with unit_of_work(session_factory(engine, server_keys)()) as s:
         tokens.create_admin_token(s)
     engine.dispose()
     with pytest.raises(AssertionError, match="cardbridge server join"):
@@ -194,17 +226,74 @@ def test_a_database_holds_one_deployment_and_join_adds_nodes_to_it(tmp_path: Pat
     before = snapshot(b)
     _run("join_data_dir", b, *join, env=env)  # re-run: nothing is replaced
     assert snapshot(b) == before
-    engine = make_engine(url)
-    try:
-        with session_factory(engine)() as s:
-            events = [(r["event"], r["details"].get("node")) for r in audit.export(s)]
-            assert audit.verify(s) is None
-    finally:
-        engine.dispose()
+    out = in_data_dir(a, """
+import json
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert audit.verify(s) is None
+    print(json.dumps([(r["event"], r["details"].get("node")) for r in audit.export(s)]))
+""")
+    events = [tuple(e) for e in json.loads(out)]
     assert events.count(("server.join", "node-b")) == 1
     assert [e for e in events if e[0] == "server.init" and e[1]] == [
         ("server.init", settings_a.node_name)
     ]
+
+
+@pytest.mark.hsm
+def test_init_upgrades_a_data_directory_of_the_previous_release(tmp_path: Path) -> None:
+    """A data directory from before the server keys: its token lacks them, its database is at
+    revision 0002 with an audit chain and a clear TOTP seed. ``server init`` creates the keys
+    (sensitive, never extractable), seals the seed, MACs the chain; ``ServerKeys.load`` (what a
+    server process does) failed before and works after."""
+    data = tmp_path / "old"
+    init(data)
+    in_data_dir(data, """
+import pkcs11
+from alembic import command
+from sqlalchemy import text
+from server.db import alembic_config
+from server.hsm.secrets import KEYS
+command.downgrade(alembic_config(settings.db_url), "0002")
+with engine.begin() as c:
+    c.execute(text("INSERT INTO users (id, name, disabled, created_at, pin_retries, puk_retries, "
+                   "otp_failures, otp_secret) VALUES (5, 'old', 0, '2025-01-01 00:00:00', 0, 0, "
+                   "0, 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP')"))
+hsm.close()
+token = pkcs11.lib(settings.hsm_module).get_token(token_label=settings.token_label)
+with token.open(rw=True, user_pin=settings.hsm_pin()) as s:
+    for label in KEYS:
+        for obj in s.get_objects({pkcs11.Attribute.LABEL: label}):
+            obj.destroy()
+""")
+    refused = subprocess.run(
+        [sys.executable, "-c", "import sys; from server.app import create_app; "
+         "from fastapi.testclient import TestClient; from server.config import Settings; "
+         "TestClient(create_app(Settings.load(sys.argv[1]))).__enter__()", str(data)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert refused.returncode != 0 and "run `cardbridge server init`" in refused.stderr
+    init(data)
+    checked = in_data_dir(data, """
+import pkcs11
+from server.hsm.secrets import KEYS
+from server.models import User
+from server.services import deployment, otp
+keys = ServerKeys.load(hsm)
+with session_factory(engine, keys)() as s:
+    assert audit.verify(s) is None
+    row = deployment.find(s)  # the deployment, recorded again, got a TSA
+    assert row is not None and row.tsa_key_id and row.tsa_cert_pem
+    user = s.get(User, 5)
+    assert otp.open_seed(keys, 5, user.otp_seed) == 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP'
+hsm.close()
+token = pkcs11.lib(settings.hsm_module).get_token(token_label=settings.token_label)
+with token.open(user_pin=settings.hsm_pin()) as s:
+    for label in KEYS:
+        (key,) = s.get_objects({pkcs11.Attribute.LABEL: label})
+        assert key[pkcs11.Attribute.SENSITIVE] and not key[pkcs11.Attribute.EXTRACTABLE]
+print("upgraded")
+""")
+    assert checked == "upgraded\n"
 
 
 @pytest.mark.hsm
@@ -220,11 +309,9 @@ def test_init_gives_the_deployment_a_tsa_and_an_upgrade_gets_one(tmp_path: Path)
             assert row is not None and row.tsa_key_id and row.tsa_cert_pem
             first = row.tsa_key_id
             tsa_cert = x509.load_pem_x509_certificate(row.tsa_cert_pem.encode())
-            events = [r["event"] for r in audit.export(s)]
         tsa_cert.verify_directly_issued_by(ca_cert)
         eku = tsa_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
         assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
-        assert events.count("tsa.key") == 1
         # Issued certificates name the CRL and the CA certificate under the public URL.
         tls = x509.load_pem_x509_certificate((data / "tls/server.pem").read_bytes())
         for cert in (tsa_cert, tls):
@@ -243,10 +330,15 @@ def test_init_gives_the_deployment_a_tsa_and_an_upgrade_gets_one(tmp_path: Path)
         with session_factory(engine)() as s:
             row = deployment.find(s)
             assert row is not None and row.tsa_key_id not in (None, first)
-            assert [r["event"] for r in audit.export(s)].count("tsa.key") == 2
-            assert audit.verify(s) is None
     finally:
         engine.dispose()
+    # Both TSA keys were audited, MACed with the server's HSM audit key like every record.
+    checked = in_data_dir(data, """
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert audit.verify(s) is None
+    print([r["event"] for r in audit.export(s)].count("tsa.key"))
+""")
+    assert checked == "2\n"
 
 
 def test_the_base_url_is_the_public_url_else_the_bind_address(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ def test_enroll_p256_then_redeem_and_revoke(session: Session, hsm: Hsm, settings
     # the PIN, PUK and TOTP handed out work, and nothing secret went into the audit log
     pins.verify(session, user, result.pin, settings.policy)
     secret = pyotp.parse_uri(result.otp_uri).secret
-    tokens.login(session, settings.policy, "dora", PASSWORD, pyotp.TOTP(secret).now())
+    tokens.login(session, settings.policy, "dora", PASSWORD, pyotp.TOTP(secret).now(),
+                 address="192.0.2.1")
     dump = str(list(audit.export(session)))
     for value in (result.pin, result.puk, secret, result.enrollment_code, PASSWORD):
         assert value not in dump
@@ -113,6 +114,7 @@ def test_enroll_p256_then_redeem_and_revoke(session: Session, hsm: Hsm, settings
         "dora",
         PASSWORD,
         pyotp.TOTP(secret).at(time.time() + 30),
+        address="192.0.2.1",
     )
     assert enrollment.revoke(session, "dora") == 4
     assert credentials.list_for_user(session, user.id) == []

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from server.config import Policy
 from server.db import make_engine, session_factory, unit_of_work
 from server.errors import InvalidRequest, PinBlocked, PinIncorrect, PukIncorrect
+from server.hsm.secrets import ServerKeys
 from server.models import AuditRecord, User
 from server.services import audit, hashing, pins
 
@@ -34,7 +35,7 @@ def test_correct_pin_resets_counter(session: Session, make_user: MakeUser, polic
 
 
 def test_three_wrong_pins_block_and_it_survives_reopening(
-    db_url: str, session: Session, make_user: MakeUser, policy: Policy
+    db_url: str, session: Session, make_user: MakeUser, policy: Policy, server_keys: ServerKeys
 ) -> None:
     user = make_user()
     left = []
@@ -48,7 +49,7 @@ def test_three_wrong_pins_block_and_it_survives_reopening(
 
     engine = make_engine(db_url)  # a new engine: what a restarted server sees
     try:
-        with session_factory(engine)() as fresh:
+        with session_factory(engine, server_keys)() as fresh:
             again = fresh.scalars(select(User).where(User.name == "alice")).one()
             assert again.pin_retries == 0
             with pytest.raises(PinBlocked):

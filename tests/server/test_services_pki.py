@@ -23,6 +23,7 @@ from server.config import Settings
 from server.db import make_engine, session_factory, unit_of_work
 from server.errors import NotFound
 from server.hsm import Hsm
+from server.hsm.secrets import ServerKeys
 from server.models import RevocationList, utcnow
 from server.services import audit, credentials, deployment, enrollment, revocation, tsa, users
 
@@ -246,14 +247,15 @@ def test_certificates_of_another_ca_are_not_on_this_crl(
 
 @pytest.mark.parametrize("first", [True, False])
 def test_two_nodes_never_sign_two_crls_with_one_number(
-    hsm: Hsm, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, first: bool
-) -> None:
+    hsm: Hsm, server_keys: ServerKeys, tmp_path: Path, pg_url: str,
+    monkeypatch: pytest.MonkeyPatch, first: bool,
+) -> None:  # fmt: skip
     """Another node stores its CRL while this one signs its own, on the PostgreSQL database
     that nodes share: this one answers the other's, for the first CRL (both insert) and for a
     later one (both update)."""
     engine = make_engine(pg_url)
     try:
-        sessions = session_factory(engine)
+        sessions = session_factory(engine, server_keys)
         settings = set_up(hsm, tmp_path, pg_url, sessions)
         if not first:
             crl_now(sessions, hsm, settings)

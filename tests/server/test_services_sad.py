@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import MakeUser
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
@@ -116,19 +116,54 @@ def test_bad_authorize_requests(
         grant(session, owner, n, hashes=hashes)
 
 
-def test_extend_moves_the_budget(session: Session, owner: tuple[User, str]) -> None:
+def extend(session: Session, owner: tuple[User, str], value: str, *hashes: bytes) -> str:
     user, cred = owner
-    old = grant(session, owner, 3)
-    spend(session, owner, old, H1)
     with unit_of_work(session):
-        new = sad.extend(session, Policy(), old, user_id=user.id, credential_id=cred,
-                         hashes=[H2])
+        return sad.extend(session, value, user_id=user.id, credential_id=cred,
+                          hashes=list(hashes) or None).sad
+
+
+def test_extend_moves_the_budget(session: Session, owner: tuple[User, str]) -> None:
+    old = grant(session, owner, 3)  # a count only (SCAL 1): an extension may pin hashes
+    spend(session, owner, old, H1)
+    new = extend(session, owner, old, H2)
     with pytest.raises(SadInvalid):
         spend(session, owner, old, H2)
     with pytest.raises(SadInvalid):
-        spend(session, owner, new.sad, H3)  # pinned to H2 now
-    spend(session, owner, new.sad, H2)
+        spend(session, owner, new, H3)  # pinned to H2 now
+    spend(session, owner, new, H2)
+
+
+def test_an_extension_of_pinned_hashes_covers_only_those_not_signed(
+    session: Session, owner: tuple[User, str]
+) -> None:
+    """Finding 1: no PIN, no OTP, so nothing new: only hashes the authorization pinned."""
+    old = grant(session, owner, 3, hashes=[H1, H2, H2], hash_oid=SHA256)
+    spend(session, owner, old, H1)
+    with pytest.raises(SadInvalid, match="not authorized"):
+        extend(session, owner, old, H3)
+    with pytest.raises(SadInvalid, match="not authorized"):
+        extend(session, owner, old, H1)  # pinned, but signed already
     with pytest.raises(InvalidRequest):
-        sad.extend(
-            session, Policy(), new.sad, user_id=user.id, credential_id=cred, hashes=[H1, H2, H3]
-        )
+        extend(session, owner, old, H2, H2, H2)  # more than the two left
+    new = extend(session, owner, old, H2)
+    with pytest.raises(SadInvalid):
+        spend(session, owner, new, H2, H2)  # the count shrank to the hashes kept
+    spend(session, owner, new, H2)
+
+
+def test_a_chain_of_extensions_ends_when_the_authorization_does(
+    session: Session, owner: tuple[User, str]
+) -> None:
+    value = grant(session, owner, 2, hashes=[H1, H2], hash_oid=SHA256)
+    deadline = utcnow() + timedelta(seconds=30)
+    session.execute(update(Sad).values(expires_at=deadline))
+    session.commit()
+    for _ in range(3):
+        value = extend(session, owner, value)
+    expiries = session.scalars(select(Sad.expires_at)).all()
+    assert len(expiries) == 4 and all(e == deadline for e in expiries)
+    session.execute(update(Sad).values(expires_at=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    with pytest.raises(SadInvalid, match="expired"):
+        extend(session, owner, value)

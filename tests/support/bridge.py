@@ -13,8 +13,7 @@ from typing import Any
 
 import pyotp
 from cryptography import x509
-from fresh_otp import FreshOtp
-from live_server import CARDBRIDGE, LiveServer, enroll_user
+from live_server import CARDBRIDGE, Authenticator, LiveServer, enroll_user
 from pcsc_stack import VPCD
 
 PASSWORD = "bridge password 1"
@@ -36,7 +35,7 @@ class RemoteCard:
     run_extra: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.otp = FreshOtp(pyotp.parse_uri(self.enrollment["otp_uri"]))
+        self.otp = Authenticator(pyotp.parse_uri(self.enrollment["otp_uri"])).code
 
     @property
     def user(self) -> str:

@@ -17,10 +17,12 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import pyotp
 
 CARDBRIDGE = str(Path(sys.executable).with_name("cardbridge"))
 START_TIMEOUT = 60.0
@@ -182,9 +184,38 @@ def enroll_user(
     return result
 
 
+class Authenticator:
+    """A user's TOTP app, as the tests use it: each code is of a time step not used yet (the
+    server accepts a step once per user): the current step, else the next one (one step of
+    drift is accepted), else it waits for the next step. Never the previous step: the server
+    checks the PIN (argon2id) before the OTP, and a step boundary passing meanwhile would put
+    that code out of the window."""
+
+    def __init__(self, totp: pyotp.TOTP) -> None:
+        self.totp = totp
+        self._last_step = -1
+
+    def code(self) -> str:
+        now = self.totp.timecode(datetime.now(UTC))
+        if self._last_step > now:
+            time.sleep(self.totp.interval - time.time() % self.totp.interval + 0.05)
+            now = self.totp.timecode(datetime.now(UTC))
+        self._last_step = max(now, self._last_step + 1)
+        return self.totp.generate_otp(self._last_step)
+
+
 def credential_for(enrollment: dict[str, Any], slot: str) -> str:
     """The credential id of ``slot`` in an ``enroll --json`` result."""
     for cred in enrollment["credentials"]:
         if cred["slot"].lower() == slot:
             return str(cred["credential_id"])
     raise AssertionError(f"no credential for slot {slot} in {enrollment['credentials']}")
+
+
+def set_policy(data: Path, **values: object) -> None:
+    """Change the security policy in ``data``'s ``server.json`` (before ``server run``)."""
+    from server.config import Policy, Settings
+
+    settings = Settings.load(data)
+    settings.policy = Policy.model_validate(settings.policy.model_dump() | values)
+    settings.save()

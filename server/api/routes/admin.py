@@ -1,5 +1,5 @@
-"""Administration (``/api/v1/admin``, admin token only): users, enrollment, revocation, PIN
-unblock, and CSR / certificate import for an external CA."""
+"""Administration (``/api/v1/admin``, admin token only): users (with their failed-login lock),
+enrollment, revocation, PIN unblock, and CSR / certificate import for an external CA."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import status
 from server.api.deps import HsmDep, SessionDep, SettingsDep
 from server.api.errors import documented_errors
 from server.api.pipeline import AdminDep, APIRouter
+from server.config import Policy
 from server.hsm import KeyAlg
 from server.models import User
 from server.schemas import (
@@ -19,13 +20,15 @@ from server.schemas import (
     EnrolledCredential,
     EnrollRequest,
     EnrollResponse,
+    Name,
     RevokeResponse,
+    SlotName,
     UnblockResponse,
     UserCreate,
     UserCreated,
     UserOut,
 )
-from server.services import credentials, enrollment, pins, users
+from server.services import credentials, enrollment, login_limits, pins, users
 
 router = APIRouter(
     prefix="/api/v1/admin/users",
@@ -34,37 +37,52 @@ router = APIRouter(
 )
 
 
-def _out(session: SessionDep, user: User) -> UserOut:
+def _out(session: SessionDep, policy: Policy, user: User) -> UserOut:
+    failures = login_limits.name_failures(session, policy, user.name_key)
     return UserOut(
         name=user.name,
         email=user.email,
         upn=user.upn,
         disabled=user.disabled,
         enrolled=bool(credentials.list_for_user(session, user.id)),
+        login_failures=failures,
+        login_locked=failures >= policy.login_name_failures,
     )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def add_user(session: SessionDep, admin: AdminDep, body: UserCreate) -> UserCreated:
+def add_user(
+    session: SessionDep, settings: SettingsDep, admin: AdminDep, body: UserCreate
+) -> UserCreated:
     """Create a user; without a password the server generates one and returns it once."""
     password = body.password or secrets.token_urlsafe(15)
     user = users.add_user(
         session, body.name, password=password, email=body.email, upn=body.upn, actor=admin.actor
     )
-    out = _out(session, user)
+    out = _out(session, settings.policy, user)
     return UserCreated(**out.model_dump(), password=None if body.password else password)
 
 
 @router.get("")
-def list_users(session: SessionDep, _admin: AdminDep) -> list[UserOut]:
-    """Every user with its state."""
-    return [_out(session, u) for u in users.list_users(session)]
+def list_users(session: SessionDep, settings: SettingsDep, _admin: AdminDep) -> list[UserOut]:
+    """Every user with its state, failed logins of the current window included."""
+    return [_out(session, settings.policy, u) for u in users.list_users(session)]
 
 
 @router.post("/{name}/disable")
-def disable_user(session: SessionDep, admin: AdminDep, name: str) -> UserOut:
+def disable_user(
+    session: SessionDep, settings: SettingsDep, admin: AdminDep, name: Name
+) -> UserOut:
     """No more logins or key use; the user's sessions and SADs are revoked."""
-    return _out(session, users.disable_user(session, name, actor=admin.actor))
+    return _out(session, settings.policy, users.disable_user(session, name, actor=admin.actor))
+
+
+@router.post("/{name}/unlock")
+def unlock_user(
+    session: SessionDep, settings: SettingsDep, admin: AdminDep, name: Name
+) -> UserOut:
+    """Lift the user name's failed-login budget (``login_locked``) before its window ends."""
+    return _out(session, settings.policy, users.unlock(session, name, actor=admin.actor))
 
 
 @router.post("/{name}/enroll", status_code=status.HTTP_201_CREATED)
@@ -73,7 +91,7 @@ def enroll(
     hsm: HsmDep,
     settings: SettingsDep,
     admin: AdminDep,
-    name: str,
+    name: Name,
     body: EnrollRequest,
 ) -> EnrollResponse:
     """Generate the 9A/9C/9D/9E keys in the HSM, issue their certificates, set the PIN, PUK
@@ -101,14 +119,14 @@ def enroll(
 
 
 @router.post("/{name}/revoke")
-def revoke(session: SessionDep, admin: AdminDep, name: str) -> RevokeResponse:
+def revoke(session: SessionDep, admin: AdminDep, name: Name) -> RevokeResponse:
     """Revoke the user's credentials, sessions, SADs, devices and unused enrollment codes."""
     return RevokeResponse(user=name, revoked=enrollment.revoke(session, name, actor=admin.actor))
 
 
 @router.post("/{name}/unblock")
 def unblock(
-    session: SessionDep, settings: SettingsDep, admin: AdminDep, name: str
+    session: SessionDep, settings: SettingsDep, admin: AdminDep, name: Name
 ) -> UnblockResponse:
     """Set a new random PIN and reset the PIN and PUK counters."""
     user = users.get_user(session, name)
@@ -118,7 +136,7 @@ def unblock(
 
 @router.post("/{name}/certs/{slot}/csr")
 def cert_csr(
-    session: SessionDep, hsm: HsmDep, admin: AdminDep, name: str, slot: str
+    session: SessionDep, hsm: HsmDep, admin: AdminDep, name: Name, slot: SlotName
 ) -> CsrResponse:
     """A PEM CSR for the user's key in ``slot``, signed in the HSM (for an external CA)."""
     return CsrResponse(csr=enrollment.make_csr(session, hsm, name, slot, actor=admin.actor))
@@ -129,8 +147,8 @@ def cert_import(
     session: SessionDep,
     hsm: HsmDep,
     admin: AdminDep,
-    name: str,
-    slot: str,
+    name: Name,
+    slot: SlotName,
     body: CertImportRequest,
 ) -> CertResponse:
     """Install an externally issued certificate after checking it matches the slot's key."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
-from server.api.deps import SessionDep, SettingsDep, proof_key
+from server.api.deps import SessionDep, SettingsDep, client_address, proof_key
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, PivUserDep
 from server.schemas import LoginRequest, RefreshRequest, TokenResponse
@@ -36,8 +36,9 @@ def login(
     and a refresh token, both bound to that key (rules 6 and 2)."""
     jkt = proof_key(session, request, required=True)
     pair = tokens.login(
-        session, settings.policy, body.username, body.password, body.otp, jkt=jkt
-    )
+        session, settings.policy, body.username, body.password, body.otp,
+        address=client_address(request), jkt=jkt,
+    )  # fmt: skip
     return _pair(pair, bound=True)
 
 

@@ -17,12 +17,20 @@ from fastapi import Depends, Request, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from server.algorithms import KeyAlg, key_algos
-from server.api.deps import HsmDep, OriginDep, SessionDep, SettingsDep, proof_key
+from server.api.deps import (
+    HsmDep,
+    OriginDep,
+    SessionDep,
+    SettingsDep,
+    client_address,
+    proof_key,
+)
 from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, UserDep
 from server.config import Policy
 from server.errors import Forbidden, Unauthorized
 from server.schemas import (
+    BasicCredentials,
     CertificatesChoice,
     CscAuthInfo,
     CscAuthObject,
@@ -47,7 +55,7 @@ from server.schemas import (
     CscV1Factor,
     b64encode,
 )
-from server.services import csc, tokens
+from server.services import csc, keyuse, tokens
 from server.services.keyuse import KeyUse
 
 _basic = HTTPBasic(auto_error=False, description="The user's password (CSC auth/login)")
@@ -125,11 +133,12 @@ def describe(
         SCAL="2",
         multisign=policy.multisign,
     )
+    otp = keyuse.otp_required(policy, cred, keyuse.Via.CSC)
     if version == "v1":
         info.authMode = "explicit"
         info.PIN = CscV1Factor(presence="true", format="A", label="PIN")
         info.OTP = CscV1Factor(
-            presence="true" if cred.otp_per_signature else "false",
+            presence="true" if otp else "false",
             type="offline",
             format="N",
             ID="totp",
@@ -137,7 +146,7 @@ def describe(
         )
     elif auth_info:
         objects = [CscAuthObject(type="Password", id="PIN", format="A", label="PIN")]
-        if cred.otp_per_signature:
+        if otp:
             objects.append(
                 CscAuthObject(
                     type="Password", id="OTP", format="N", generator="totp", label="TOTP"
@@ -152,7 +161,7 @@ def _router(version: Version) -> APIRouter:
     router = APIRouter(
         prefix=f"/csc/{version}",
         tags=[f"Signing (CSC {version})"],
-        responses=documented_errors(400, 401, 403, 404),
+        responses=documented_errors(400, 401, 403, 404, 429),
     )
 
     @router.post("/info", response_model_exclude_none=True)
@@ -197,12 +206,14 @@ def _router(version: Version) -> APIRouter:
             pair = tokens.refresh(session, settings.policy, body.refresh_token, jkt=jkt)
         else:
             assert basic is not None  # noqa: S101 -- checked above
+            credentials = BasicCredentials.checked(basic.username, basic.password)
             pair = tokens.login(
                 session,
                 settings.policy,
-                basic.username,
-                basic.password,
+                credentials.username,
+                credentials.password,
                 None,
+                address=client_address(request),
                 require_otp=False,
                 jkt=jkt,
             )
@@ -294,15 +305,12 @@ def _router(version: Version) -> APIRouter:
 
     @router.post("/credentials/extendTransaction", response_model_exclude_none=True)
     def credentials_extend(
-        session: SessionDep,
-        settings: SettingsDep,
-        user: UserDep,
-        body: CscExtendTransactionRequest,
+        session: SessionDep, user: UserDep, body: CscExtendTransactionRequest
     ) -> CscAuthorizeResponse:
-        """A fresh SAD for what the current one has left (pinned to new hashes if given)."""
+        """A fresh SAD for what the current one has left, narrowed to some of its pinned hashes
+        if given; it expires with the original authorization."""
         grant = csc.extend_transaction(
             session,
-            settings.policy,
             user,
             credential_id=body.credentialID,
             sad_value=body.SAD,

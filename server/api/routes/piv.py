@@ -15,6 +15,7 @@ from server.api.errors import documented_errors
 from server.api.pipeline import APIRouter, PivUserDep
 from server.models import Credential, User
 from server.schemas import (
+    CredentialId,
     DeviceCredential,
     DeviceEnrollRequest,
     DeviceEnrollResponse,
@@ -120,7 +121,7 @@ def _run(
     settings: SettingsDep,
     origin: audit.Origin,
     user: Principal,
-    credential_id: str,
+    credential_id: CredentialId,
     op: KeyOp,
     data: bytes,
     otp: str | None,
@@ -138,7 +139,7 @@ def rsa_raw(
     settings: SettingsDep,
     origin: OriginDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: RsaBlockRequest,
 ) -> ResultResponse:
     """Raw RSA on a PKCS#1 v1.5 type-1 or EMSA-PSS block of modulus length (rule 3)."""
@@ -154,10 +155,12 @@ def decrypt(
     settings: SettingsDep,
     origin: OriginDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: RsaBlockRequest,
 ) -> ResultResponse:
-    """Raw RSA decryption with the 9D key; only a type-2 result is returned (rule 3)."""
+    """Raw RSA decryption with the 9D key, within its decryption budget (429
+    ``decryption_budget_exhausted``); the answer is always a type-2 block of modulus length,
+    the real message's or a synthetic one (implicit rejection: no padding oracle, rule 3)."""
     return _run(
         session, hsm, settings, origin, user, credential_id, KeyOp.DECRYPT, body.block, body.otp
     )
@@ -170,7 +173,7 @@ def ecdsa(
     settings: SettingsDep,
     origin: OriginDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: DigestRequest,
 ) -> ResultResponse:
     """ECDSA on a digest as long as the curve's field; DER Ecdsa-Sig-Value out."""
@@ -186,7 +189,7 @@ def eddsa(
     settings: SettingsDep,
     origin: OriginDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: MessageRequest,
 ) -> ResultResponse:
     """Ed25519 over the whole message (RFC 8032)."""
@@ -202,7 +205,7 @@ def ecdh(
     settings: SettingsDep,
     origin: OriginDep,
     user: PivUserDep,
-    credential_id: str,
+    credential_id: CredentialId,
     body: PeerPointRequest,
 ) -> ResultResponse:
     """ECDH with the 9D key and the peer's uncompressed point; the shared secret out."""

@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Revocation data and timestamps for long-term signatures: the revocation time of each
-credential (its certificate's entry on the CRL), the CA's current CRL, and the time-stamping
-authority's key and certificate in the deployment record.
+credential (its certificate's entry on the CRL), the CA's current CRL, the time-stamping
+authority's key and certificate in the deployment record (0008's ``deployment`` table), and
+the per-address budgets of ``/tsa`` requests.
+
+The TSA itself is created by ``server init`` (it needs the HSM), on a new data directory or
+on the upgrade of an existing one; until then ``/tsa`` answers 404.
 
 Credentials revoked before this revision get the time of the upgrade as their revocation time.
 
-Revision ID: 0005
-Revises: 0003
+Revision ID: 0009
+Revises: 0008
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0003"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
