@@ -44,6 +44,8 @@ from server.models import Deployment
 from server.services import deployment, enrollment, tokens, tsa
 
 CA_NAME = "cardbridge CA"
+TSA_LABEL = "cardbridge/tsa"
+"""Label prefix of the time-stamping authority's key on the token."""
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -232,24 +234,28 @@ def _ensure_tsa(
     settings: Settings, hsm: Hsm, keys: ServerKeys, ca_ref: KeyRef, ca_cert: x509.Certificate
 ) -> None:
     """Give the deployment its time-stamping authority (RFC 3161) if it has none yet: a key
-    generated in the HSM and a certificate from the CA, recorded with the deployment so that
-    every node serves ``/tsa`` with it. A deployment set up before timestamps gets it when
-    ``server init`` runs on its data directory again (the upgrade). Its audit record is MACed
-    with the server keys like every other."""
+    generated in the HSM (labelled beside the server keys of :mod:`server.hsm.secrets`) and a
+    certificate from the CA, recorded with the deployment so that every node serves ``/tsa``
+    with it. A deployment set up before timestamps gets it when ``server init`` runs on its
+    data directory again (the upgrade); ``server join`` never makes one. Its audit record is
+    MACed with the server keys like every other; a key made for a deployment that got its TSA
+    meanwhile is destroyed."""
     with _database(settings.db_url, keys) as session:
         row = deployment.find(session)
         if row is None or row.tsa_key_id is not None:
             return
-        ref = hsm.generate_key(tsa.KEY_ALG, f"tsa:{secrets.token_hex(8)}", sign_only=True)
-        try:
-            cert = ca.issue_tsa_cert(
-                hsm, ca_ref, ca_cert, hsm.public_key(ref), base_url=settings.base_url
-            )
+    ref = hsm.generate_key(tsa.KEY_ALG, f"{TSA_LABEL}/{secrets.token_hex(8)}", sign_only=True)
+    try:
+        cert = ca.issue_tsa_cert(
+            hsm, ca_ref, ca_cert, hsm.public_key(ref), base_url=settings.base_url
+        )
+        with _database(settings.db_url, keys) as session:
             deployment.record_tsa(session, row, ref, cert, node=settings.node_name)
-            session.flush()
-        except BaseException:
-            hsm.destroy_key(ref)
-            raise
+    except Conflict:
+        hsm.destroy_key(ref)  # another init gave it one: that one stays
+    except BaseException:
+        hsm.destroy_key(ref)
+        raise
 
 
 def _write_ca(settings: Settings, ca_ref: KeyRef, ca_cert: x509.Certificate) -> None:

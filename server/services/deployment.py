@@ -12,10 +12,11 @@ from functools import lru_cache
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from server.db import affected
 from server.errors import Conflict, NotFound
 from server.hsm import KeyAlg, KeyRef
 from server.models import AuditHead, Deployment
@@ -67,9 +68,23 @@ def record_tsa(
     session: Session, row: Deployment, ref: KeyRef, cert: x509.Certificate, *, node: str
 ) -> None:
     """Record the time-stamping authority's key and certificate (in the caller's transaction,
-    with its audit record)."""
-    row.tsa_key_id, row.tsa_key_alg = ref.key_id, str(ref.alg)
-    row.tsa_cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    with its audit record), unless the deployment has one already.
+
+    :raises Conflict: another ``server init`` recorded a TSA first (the caller destroys the
+        key it made).
+    """
+    recorded = session.execute(
+        update(Deployment)
+        .where(Deployment.id == row.id, Deployment.tsa_key_id.is_(None))
+        .values(
+            tsa_key_id=ref.key_id,
+            tsa_key_alg=str(ref.alg),
+            tsa_cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        )
+        .execution_options(synchronize_session="fetch")
+    )
+    if not affected(recorded):
+        raise Conflict("the deployment has a time-stamping authority already")
     audit.append(
         session,
         actor="server-init",

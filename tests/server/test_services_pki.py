@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server import ca
 from server.config import Settings
 from server.db import make_engine, session_factory, unit_of_work
-from server.errors import NotFound
+from server.errors import Conflict, NotFound
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
 from server.models import RevocationList, utcnow
@@ -153,6 +153,25 @@ def test_a_deployment_without_a_tsa_answers_not_found(
         deployment.record(session, ca_ref, ca_cert, "test", node="n")
     with pytest.raises(NotFound, match="server init"):
         stamp(sessions, hsm, _query())
+
+
+def test_a_deployment_gets_one_tsa_and_a_second_is_refused(
+    settings: Settings, hsm: Hsm, sessions: sessionmaker[Session]
+) -> None:
+    """Two ``server init`` runs that both found no TSA: the second to record loses, its key is
+    for its caller to destroy, and the first stays."""
+    ca_ref, ca_cert = enrollment.load_ca(settings)
+    ref = hsm.generate_key(tsa.KEY_ALG, f"tsa:{secrets.token_hex(4)}", sign_only=True)
+    cert = ca.issue_tsa_cert(hsm, ca_ref, ca_cert, hsm.public_key(ref), base_url=settings.base_url)
+    with sessions() as session:
+        row = deployment.find(session)
+        assert row is not None
+        kept = row.tsa_key_id
+    with pytest.raises(Conflict), unit_of_work(sessions()) as session:
+        deployment.record_tsa(session, row, ref, cert, node="late")
+    with sessions() as session:
+        assert (row := deployment.find(session)) is not None and row.tsa_key_id == kept
+    assert len(records(sessions, "tsa.key")) == 1
 
 
 # --- the CRL ----------------------------------------------------------------------------------
