@@ -81,8 +81,8 @@ class Policy(BaseModel):
     ``decrypt_window``; past it the answer is 429 ``decryption_budget_exhausted``, audited."""
     decrypt_window: int = Field(default=3600, gt=0)
     tsa_per_minute: int = Field(default=600, ge=1)
-    """Timestamps one client address may get from ``/tsa`` per minute and server process (the
-    endpoint is public and every timestamp is audited)."""
+    """Requests one client address may make to ``/tsa`` per minute, on all nodes together (the
+    endpoint is public, and every timestamp costs an HSM signature and an audit record)."""
 
     def ttl(self, name: str) -> timedelta:
         """The lifetime called ``name`` (e.g. ``"sad_ttl"``) as a timedelta."""

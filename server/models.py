@@ -295,3 +295,15 @@ class RevocationList(Base):
     """How many revoked credentials it was made from ..."""
     last_revoked_at: Mapped[datetime | None]
     """... and the latest of their revocation times: a revocation since changes one of them."""
+
+
+class TsaBudget(Base):
+    """Timestamps one client address asked ``/tsa`` for in the current window, counted in the
+    database so that every node spends the same budget (``Policy.tsa_per_minute``)."""
+
+    __tablename__ = "tsa_budgets"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The client's address (the TCP peer, :func:`server.api.deps.client_address`)."""
+    window_start: Mapped[datetime] = mapped_column(index=True)
+    used: Mapped[int] = mapped_column(Integer)

@@ -1,14 +1,9 @@
-"""Limits: the request body size (rule 8: an oversized body is a clear 413, not memory
-pressure) and a per-client request rate for public endpoints that do work (``/tsa``).
+"""A request body size limit (rule 8: an oversized body is a clear 413, not memory pressure).
 
-The body limit is a pure ASGI middleware, so requests within the limit pay one header lookup
-and a byte count.
+A pure ASGI middleware, so requests within the limit pay one header lookup and a byte count.
 """
 
 from __future__ import annotations
-
-import threading
-import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,30 +50,3 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
-
-
-class PerClientRate:
-    """At most ``limit`` requests per client address in each fixed window of ``seconds``, in
-    this process; the counts are dropped when a window ends, so memory stays bounded by the
-    clients of one window.
-
-    :param limit: requests a client may make per window.
-    :param seconds: the window's length.
-    """
-
-    def __init__(self, limit: int, seconds: float = 60.0) -> None:
-        self.limit = limit
-        self.seconds = seconds
-        self._window = -1
-        self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, client: str) -> bool:
-        """Count one request of ``client``; False once it is over the limit."""
-        window = int(time.monotonic() // self.seconds)
-        with self._lock:
-            if window != self._window:
-                self._window, self._counts = window, {}
-            count = self._counts.get(client, 0) + 1
-            self._counts[client] = count
-        return count <= self.limit

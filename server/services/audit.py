@@ -71,6 +71,7 @@ class Event(StrEnum):
     SERVER_JOIN = "server.join"
     TSA_KEY = "tsa.key"
     TSA_TIMESTAMP = "tsa.timestamp"
+    TSA_REFUSED = "tsa.refused"
 
 
 @dataclass(frozen=True)

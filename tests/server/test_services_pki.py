@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import ca
-from server.config import Settings
+from server.config import Policy, Settings
 from server.db import make_engine, session_factory, unit_of_work
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, NotFound, RateLimited
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
 from server.models import RevocationList, utcnow
@@ -64,9 +65,13 @@ def openssl(*args: str | Path, ok: bool = True) -> str:
     return proc.stdout + proc.stderr
 
 
-def stamp(sessions: sessionmaker[Session], hsm: Hsm, query: bytes) -> bytes:
+def stamp(
+    sessions: sessionmaker[Session], hsm: Hsm, query: bytes, *, policy: Policy | None = None,
+    client: str = "192.0.2.7",
+) -> bytes:  # fmt: skip
     with unit_of_work(sessions()) as session:
-        return tsa.timestamp(session, hsm, query, origin=ORIGIN, client="192.0.2.7")
+        return tsa.timestamp(session, hsm, query, policy=policy or Policy(), origin=ORIGIN,
+                             client=client)  # fmt: skip
 
 
 def records(sessions: sessionmaker[Session], event: str) -> list[dict[str, object]]:
@@ -172,6 +177,50 @@ def test_a_deployment_gets_one_tsa_and_a_second_is_refused(
     with sessions() as session:
         assert (row := deployment.find(session)) is not None and row.tsa_key_id == kept
     assert len(records(sessions, "tsa.key")) == 1
+
+
+def test_each_address_has_a_budget_of_requests_a_minute_and_a_refusal_is_audited(
+    settings: Settings, hsm: Hsm, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = Policy(tsa_per_minute=3)
+    for _ in range(3):
+        stamp(sessions, hsm, _query(), policy=policy)
+    granted = len(records(sessions, "tsa.timestamp"))
+    with pytest.raises(RateLimited, match="too many timestamp requests"):
+        stamp(sessions, hsm, _query(), policy=policy)
+    with pytest.raises(RateLimited):  # a malformed request counts as well: nothing is checked
+        stamp(sessions, hsm, b"not a request", policy=policy)
+    assert len(records(sessions, "tsa.timestamp")) == granted == 3
+    refused = records(sessions, "tsa.refused")
+    assert [(r["actor"], r["details"]) for r in refused] == [  # committed although refused
+        ("client:192.0.2.7", {"reason": "rate_limited", "node": "node-t", "request": "req-1"})
+    ] * 2
+    stamp(sessions, hsm, _query(), policy=policy, client="192.0.2.8")  # its own budget
+
+    later = utcnow() + tsa.WINDOW + timedelta(seconds=1)
+    monkeypatch.setattr(tsa, "utcnow", lambda: later)  # the next window
+    stamp(sessions, hsm, _query(), policy=policy)
+    assert len(records(sessions, "tsa.timestamp")) == 5
+
+
+def test_parallel_requests_never_exceed_the_budget(sessions: sessionmaker[Session]) -> None:
+    """Spent on the database every node shares: 12 requests at once (SQLite, PostgreSQL), 5
+    counted."""
+    policy = Policy(tsa_per_minute=5)
+    start = threading.Barrier(12)
+    counted: list[bool] = []
+
+    def spend() -> None:
+        with unit_of_work(sessions()) as session:
+            start.wait()
+            counted.append(tsa.spend_request(session, policy, "198.51.100.1"))
+
+    threads = [threading.Thread(target=spend) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(counted) == [False] * 7 + [True] * 5
 
 
 # --- the CRL ----------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import Body, Request, Response
 
 from server import ca
-from server.api.deps import HsmDep, OriginDep, SessionDep, SettingsDep
+from server.api.deps import HsmDep, OriginDep, SessionDep, SettingsDep, client_address
 from server.api.errors import documented_errors
-from server.api.limits import PerClientRate
 from server.api.pipeline import APIRouter
-from server.errors import RateLimited, TooLarge, UnsupportedMediaType
+from server.errors import TooLarge, UnsupportedMediaType
 from server.services import enrollment, revocation, tsa
 
 TIMESTAMP_QUERY: Final = "application/timestamp-query"
@@ -25,14 +24,6 @@ MAX_QUERY: Final = 4096
 about 100 bytes."""
 
 router = APIRouter(tags=["Timestamps and revocation"])
-
-
-def _limiter(request: Request, per_minute: int) -> PerClientRate:
-    state = request.app.state
-    if getattr(state, "tsa_limiter", None) is None:
-        state.tsa_limiter = PerClientRate(per_minute)
-    limiter: PerClientRate = state.tsa_limiter
-    return limiter
 
 
 @router.post(
@@ -53,15 +44,13 @@ def timestamp(
 ) -> Response:
     """RFC 3161 §3.4 over HTTP: a DER ``TimeStampReq`` in, a DER ``TimeStampResp`` out (a token,
     or a rejection that names what is wrong with the request). Each client address may ask
-    ``tsa_per_minute`` times a minute (429 beyond)."""
+    ``tsa_per_minute`` times a minute, on all nodes together (429 beyond)."""
     if request.headers.get("content-type", "").partition(";")[0].strip() != TIMESTAMP_QUERY:
         raise UnsupportedMediaType(f"the body must be {TIMESTAMP_QUERY}")
     if len(body) > MAX_QUERY:
         raise TooLarge(f"a timestamp request is at most {MAX_QUERY} bytes")
-    client = request.client.host if request.client else "unknown"
-    if not _limiter(request, settings.policy.tsa_per_minute).allow(client):
-        raise RateLimited("too many timestamp requests from this address; retry in a minute")
-    answer = tsa.timestamp(session, hsm, body, origin=origin, client=client)
+    answer = tsa.timestamp(session, hsm, body, policy=settings.policy, origin=origin,
+                           client=client_address(request))  # fmt: skip
     return Response(answer, media_type=TIMESTAMP_REPLY)
 
 

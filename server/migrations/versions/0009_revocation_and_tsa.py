@@ -53,9 +53,19 @@ def upgrade() -> None:
         sa.Column("last_revoked_at", sa.DateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_revocation_list")),
     )
+    op.create_table(
+        "tsa_budgets",
+        sa.Column("address", sa.String(length=64), nullable=False),
+        sa.Column("window_start", sa.DateTime(), nullable=False),
+        sa.Column("used", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("address", name=op.f("pk_tsa_budgets")),
+    )
+    op.create_index(op.f("ix_tsa_budgets_window_start"), "tsa_budgets", ["window_start"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_tsa_budgets_window_start"), table_name="tsa_budgets")
+    op.drop_table("tsa_budgets")
     op.drop_table("revocation_list")
     with op.batch_alter_table("deployment") as batch:
         batch.drop_column("tsa_cert_pem")
