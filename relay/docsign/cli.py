@@ -4,9 +4,11 @@
 
 The signatures go through the running card's session when a card runs and is logged in, else
 through a session of this command's own (the password, and the device key of the card's
-configuration for DPoP). Every run asks for the PIN and a fresh TOTP, which authorize up to the
-credential's ``multisign`` documents at once. A file that cannot be read, parsed or signed gets
-one line and the others are still signed; the exit status is 0 only when every file was signed.
+configuration for DPoP). Every run asks for the PIN and, when the credential's authorization
+needs one (``credentials/info``), a fresh TOTP; they authorize up to the credential's
+``multisign`` documents at once, and the PIN alone each further group when no TOTP is needed.
+A file that cannot be read, parsed or signed gets one line and the others are still signed; the
+exit status is 0 only when every file was signed.
 Outputs are written next to their inputs (or to ``--out``/``--out-dir``), atomically, never
 over an input.
 """
@@ -248,7 +250,7 @@ async def _sign_jobs(
     channel: CscChannel,
     credential: Credential,
     pin: str,
-    otp: Callable[[int], str],
+    otp: Callable[[int], str | None],
     done: Callable[[Job], None],
 ) -> None:
     """Every job, ``multisign`` at a time, each group under one authorization; after a failed
@@ -339,9 +341,9 @@ def sign(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Sign IN... with the enrolled user's 9C key (PIN and a fresh TOTP); only digests go to
-    the server. Levels: B-B, B-T (the server's timestamp, or --tsa), B-LT (and the CRL and
-    chain, to validate without the network)."""
+    """Sign IN... with the enrolled user's 9C key (the PIN, and a fresh TOTP where the
+    credential asks for one); only digests go to the server. Levels: B-B, B-T (the server's
+    timestamp, or --tsa), B-LT (and the CRL and chain, to validate without the network)."""
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
@@ -404,7 +406,9 @@ def _sign_all(jobs: list[Job], options: Options) -> str:
                 if options.pin_file
                 else getpass.getpass("PIN: ")
             )
-            first = options.otp or typer.prompt("One-time password", err=True).strip()
+            first = options.otp
+            if first is None and credential.otp:
+                first = typer.prompt("One-time password", err=True).strip()
             _sign_in_groups(jobs, options.format, run, channel, credential, pin, first,
                             options.as_json)  # fmt: skip
         finally:
@@ -416,13 +420,15 @@ def _sign_all(jobs: list[Job], options: Options) -> str:
 
 def _sign_in_groups(
     jobs: list[Job], fmt: Format, run: Run, channel: CscChannel, credential: Credential,
-    pin: str, first: str, as_json: bool,
+    pin: str, first: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     with _progress(len(jobs), quiet=as_json) as progress:
 
-        def otp(number: int) -> str:
+        def otp(number: int) -> str | None:
             if number == 0:
                 return first
+            if not credential.otp:
+                return None  # the PIN alone authorizes the next documents
             if not sys.stdin.isatty():
                 raise SignError(
                     f"another one-time password is needed: one authorization covers "

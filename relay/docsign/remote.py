@@ -5,9 +5,9 @@ under one authorization.
 
 Documents never leave the workstation: a signer hands over the digest of what it signs (CMS
 signed attributes, an XML ``SignedInfo``); ``signatures/signHash`` returns the signature. One
-``credentials/authorize`` (PIN and a fresh TOTP) pins up to ``multisign`` digests (CSC v2
-§11.6: ``numSignatures`` and every hash), so a batch of that many documents costs one
-authorization and one ``signHash``.
+``credentials/authorize`` (the PIN, and a fresh TOTP when the credential's policy asks for one)
+pins up to ``multisign`` digests (CSC v2 §11.6: ``numSignatures`` and every hash), so a batch
+of that many documents costs one authorization and one ``signHash``.
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ class Credential:
     """The signature algorithm, as asn1crypto names it (``sha256_ecdsa``, ``sha256_rsa``)."""
     multisign: int
     """Most digests one authorization may pin."""
+    otp: bool = True
+    """Whether an authorization needs a one-time password beside the PIN (its ``authInfo``,
+    CSC v2 §11.5: an ``OTP`` object)."""
 
     @property
     def certificate(self) -> asn1_x509.Certificate:
@@ -171,8 +174,9 @@ class Credential:
         """
         info = channel.csc(
             "credentials/info",
-            {"credentialID": credential_id, "certificates": "chain", "certInfo": False},
-        )
+            {"credentialID": credential_id, "certificates": "chain", "certInfo": False,
+             "authInfo": True},
+        )  # fmt: skip
         cert = info.get("cert") or {}
         chain = tuple(_certificate(c) for c in cert.get("certificates") or [])
         if not chain:
@@ -183,7 +187,13 @@ class Credential:
         mechanism = f"{digest}_{kind}"
         if algos.SignedDigestAlgorithmId(mechanism).dotted not in (key.get("algo") or []):
             raise SignError(f"the signing credential does not offer {mechanism}")
-        return cls(credential_id, chain, digest, mechanism, int(info.get("multisign") or 1))
+        objects = (info.get("auth") or {}).get("objects")
+        otp = not isinstance(objects, list) or any(
+            isinstance(o, dict) and o.get("id") == "OTP" for o in objects
+        )  # without the description, as if it were needed
+        return cls(
+            credential_id, chain, digest, mechanism, int(info.get("multisign") or 1), otp
+        )
 
     @property
     def sign_algo(self) -> str:
@@ -207,12 +217,18 @@ class Batch:
     :param channel: where the CSC requests go.
     :param credential: the signing credential.
     :param pin: the PIN (PIV 9C: before every signature, so with every authorization).
-    :param otp: a fresh one-time password for the authorization.
+    :param otp: a fresh one-time password for the authorization; None when the credential
+        needs none.
     :param participants: how many documents take part (at most ``credential.multisign``).
     """
 
     def __init__(
-        self, channel: CscChannel, credential: Credential, pin: str, otp: str, participants: int
+        self,
+        channel: CscChannel,
+        credential: Credential,
+        pin: str,
+        otp: str | None,
+        participants: int,
     ) -> None:
         if not 0 < participants <= credential.multisign:
             raise ValueError("a batch has 1 to multisign participants")
@@ -258,6 +274,9 @@ class Batch:
         """authorize, then signHash (CSC v2 §11.6, §11.10)."""
         cred = self.credential
         hashes = [base64.b64encode(d).decode() for d in digests]
+        factors = [{"id": "PIN", "value": self.pin}]
+        if self.otp is not None:
+            factors.append({"id": "OTP", "value": self.otp})
         authorized = self.channel.csc(
             "credentials/authorize",
             {
@@ -265,7 +284,7 @@ class Batch:
                 "numSignatures": len(hashes),
                 "hashes": hashes,
                 "hashAlgorithmOID": cred.hash_oid,
-                "authData": [{"id": "PIN", "value": self.pin}, {"id": "OTP", "value": self.otp}],
+                "authData": factors,
             },
         )
         signed = self.channel.csc(
