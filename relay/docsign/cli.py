@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, NoReturn
@@ -255,6 +255,12 @@ async def _sign_jobs(
 ) -> None:
     """Every job, ``multisign`` at a time, each group under one authorization; after a failed
     authorization (a wrong PIN) nothing more is tried."""
+    if run.timestamper is not None:
+        # pyHanko sizes a signature with a timestamp it asks for once per digest algorithm and
+        # keeps; asked here, before the documents run at once, it is one request instead of one
+        # per document. A TSA that fails here fails each document again, in its own line.
+        with suppress(Exception):
+            await run.timestamper.async_dummy_response(credential.digest)
     failure: RelayError | None = None
     for number, group in enumerate(_chunks(jobs, credential.multisign)):
         if failure is None:
