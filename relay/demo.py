@@ -47,6 +47,7 @@ from pyhanko.sign.validation import async_validate_pdf_signature
 from pyhanko.sign.validation.dss import DocumentSecurityStore
 from pyhanko.sign.validation.errors import NoDSSFoundError
 from pyhanko.sign.validation.settings import KeyUsageConstraints
+from pyhanko.sign.validation.status import PdfSignatureStatus
 from pyhanko_certvalidator import ValidationContext
 
 from relay.config import CONFIG_ENV, RUNTIME_ENV
@@ -136,11 +137,16 @@ SIGNER_KEY_USAGE: Final = KeyUsageConstraints(key_usage={"digital_signature", "n
 (9C, the PIV digital signature key); pyHanko's default asks for nonRepudiation alone."""
 
 
-def validate_pdf(
-    pdf: bytes, ca: x509.Certificate, *, index: int = 0, long_term: bool = False
-) -> Validation:
-    """Validate signature ``index`` of ``pdf`` with ``ca`` as the only trust anchor and no
-    network access.
+def pdf_status(
+    pdf: bytes,
+    ca: x509.Certificate,
+    *,
+    index: int = 0,
+    long_term: bool = False,
+    also_trusted: tuple[x509.Certificate, ...] = (),
+) -> PdfSignatureStatus:
+    """pyHanko's status of signature ``index`` of ``pdf`` with ``ca`` as the only trust anchor
+    (and ``also_trusted``) and no network access.
 
     :param long_term: with only the validation data the PDF carries (its document security
         store, ETSI EN 319 142-1 B-LT), a certificate without revocation data being refused.
@@ -148,7 +154,8 @@ def validate_pdf(
     reader = PdfFileReader(BytesIO(pdf))
     embedded = reader.embedded_signatures[index]
     settings: dict[str, Any] = {
-        "trust_roots": [asn1_x509.Certificate.load(ca.public_bytes(Encoding.DER))],
+        "trust_roots": [asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
+                        for c in (ca, *also_trusted)],  # fmt: skip
         "allow_fetching": False,
     }
     dss: DocumentSecurityStore | None = None
@@ -162,12 +169,19 @@ def validate_pdf(
     def context() -> ValidationContext:
         return dss.as_validation_context(settings) if dss else ValidationContext(**settings)
 
-    status = asyncio.run(
+    return asyncio.run(
         async_validate_pdf_signature(
             embedded, context(), ts_validation_context=context(),
             key_usage_settings=SIGNER_KEY_USAGE,
         )  # fmt: skip
     )
+
+
+def validate_pdf(
+    pdf: bytes, ca: x509.Certificate, *, index: int = 0, long_term: bool = False
+) -> Validation:
+    """:func:`pdf_status`, summed up."""
+    status = pdf_status(pdf, ca, index=index, long_term=long_term)
     signer = x509.load_der_x509_certificate(status.signing_cert.dump()).subject
     stamp = status.timestamp_validity
     return Validation(
