@@ -10,7 +10,7 @@ Every granted timestamp is audited (``tsa.timestamp``).
 
 The endpoint is public, and each token costs an HSM signature and an audit record, so each
 client address has ``Policy.tsa_per_minute`` requests a minute, counted in the database like
-the login budgets (:mod:`server.services.login_limits`): every node spends the same budget, and
+the login budgets (:mod:`server.services.budgets`): every node spends the same budget, and
 parallel requests cannot exceed it. A request beyond it is answered 429 unchecked, and audited
 (``tsa.refused``).
 """
@@ -19,27 +19,24 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import random
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, cast
+from typing import Final
 
 from asn1crypto import algos, cms, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, bindparam, case, delete, or_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server.algorithms import CSC_HASHES, HASHES
 from server.config import Policy
-from server.db import runner
 from server.errors import NotFound, RateLimited
 from server.hsm import Hsm, KeyAlg, KeyRef
-from server.models import TsaBudget, utcnow
+from server.models import TsaBudget
 from server.services import audit, deployment
+from server.services.budgets import WindowedBudget
 
 POLICY: Final = "2.25.209779267664280726048299072619964882500"
 """The TSA policy this server's tokens name (RFC 3161 §2.1 item 5): a UUID-based OID
@@ -54,42 +51,13 @@ WINDOW: Final = timedelta(minutes=1)
 """The window of ``Policy.tsa_per_minute``."""
 RATE_LIMITED: Final = "too many timestamp requests from this address; retry in a minute"
 
-_BUDGETS = cast(Table, TsaBudget.__table__)
-_NEW_WINDOW = _BUDGETS.c.window_start < bindparam("cutoff")
-# One guarded upsert per request, as the login budgets count failures: a new window starts at
-# 1, else the count goes up while it is below the budget; no row comes back when the budget is
-# spent, so parallel requests (on any node) cannot exceed it.
-_SPEND = {
-    name: dialect.insert(_BUDGETS)
-    .values(address=bindparam("address"), window_start=bindparam("now"), used=1)
-    .on_conflict_do_update(
-        index_elements=[_BUDGETS.c.address],
-        set_={
-            "used": case((_NEW_WINDOW, 1), else_=_BUDGETS.c.used + 1),
-            "window_start": case((_NEW_WINDOW, bindparam("now")), else_=_BUDGETS.c.window_start),
-        },
-        where=or_(_NEW_WINDOW, _BUDGETS.c.used < bindparam("budget")),
-    )
-    .returning(_BUDGETS.c.used)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
-_FORGET = delete(_BUDGETS).where(_BUDGETS.c.window_start < bindparam("cutoff"))
+_REQUESTS = WindowedBudget(TsaBudget, ("address",), "used")
 
 
 def spend_request(session: Session, policy: Policy, address: str) -> bool:
     """Count one ``/tsa`` request of ``address`` in the caller's transaction; False, with
-    nothing counted, when its budget for the window is spent. Now and then the expired windows
-    are forgotten."""
-    run = runner(session)
-    now = utcnow()
-    cutoff = now - WINDOW
-    statement = _SPEND[session.get_bind().dialect.name]
-    params = {"address": address, "now": now, "cutoff": cutoff,
-              "budget": policy.tsa_per_minute}  # fmt: skip
-    counted = bool(run(statement, params))
-    if random.random() < 1 / 256:  # noqa: S311 -- housekeeping, not security
-        run(_FORGET, {"cutoff": cutoff})
-    return counted
+    nothing counted, when its budget for the window is spent."""
+    return _REQUESTS.spend(session, {"address": address}, policy.tsa_per_minute, WINDOW)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,16 @@ from server.errors import Conflict, NotFound, RateLimited
 from server.hsm import Hsm
 from server.hsm.secrets import ServerKeys
 from server.models import RevocationList, utcnow
-from server.services import audit, credentials, deployment, enrollment, revocation, tsa, users
+from server.services import (
+    audit,
+    budgets,
+    credentials,
+    deployment,
+    enrollment,
+    revocation,
+    tsa,
+    users,
+)
 
 pytestmark = pytest.mark.hsm
 
@@ -198,7 +207,7 @@ def test_each_address_has_a_budget_of_requests_a_minute_and_a_refusal_is_audited
     stamp(sessions, hsm, _query(), policy=policy, client="192.0.2.8")  # its own budget
 
     later = utcnow() + tsa.WINDOW + timedelta(seconds=1)
-    monkeypatch.setattr(tsa, "utcnow", lambda: later)  # the next window
+    monkeypatch.setattr(budgets, "utcnow", lambda: later)  # the next window
     stamp(sessions, hsm, _query(), policy=policy)
     assert len(records(sessions, "tsa.timestamp")) == 5
 
