@@ -20,14 +20,14 @@ import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 import pytest
 from asn1crypto import cms
-from bridge import PASSWORD, RemoteCard, enroll_card
+from bridge import RemoteCard, enroll_card, signed_outputs
 from cryptography import x509
-from live_server import CARDBRIDGE, LiveServer, init_data_dir, start_server
+from live_server import CARDBRIDGE, LiveServer, running_server
 from lxml import etree
+from pcsc_stack import run
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.pdf_utils.writer import copy_into_new_writer
 from pyhanko.sign import fields
@@ -35,7 +35,6 @@ from signxml.exceptions import InvalidDigest
 from signxml.xades.xades import XAdESVerifier
 
 from relay.demo import sample_pdf, validate_pdf
-from server.config import Policy, Settings
 
 pytestmark = [pytest.mark.hsm, pytest.mark.slow]
 
@@ -47,38 +46,21 @@ XML = b"<?xml version='1.0'?>\n<invoice xmlns='urn:example:invoice'><total>12.50
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server whose credentials authorize at most MULTISIGN signatures at once."""
-    data = tmp_path_factory.mktemp("sign") / "data"
-    init_data_dir(data)
-    settings = Settings.load(data)
-    settings.policy = Policy(multisign=MULTISIGN)
-    settings.save()
-    srv = start_server(data)
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    with running_server(tmp_path_factory.mktemp("sign") / "data", multisign=MULTISIGN) as srv:
+        yield srv
 
 
 @pytest.fixture
 def ca(server: LiveServer) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((server.data / "ca.pem").read_bytes())
+    return server.ca
 
 
 def user(server: LiveServer, tmp_path: Path, name: str, alg: str = "p256") -> RemoteCard:
     return enroll_card(server, name, tmp_path / name, alg=alg)
 
 
-def run(*args: str | Path, ok: bool = True, cwd: Path | None = None) -> str:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd)
-    assert (proc.returncode == 0) == ok, f"{args}: {proc.stdout}{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
 def flipped(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
-
-
-def outputs(report: dict[str, Any]) -> list[Path]:
-    assert all(r["ok"] for r in report["results"]), report
-    return [Path(r["output"]) for r in report["results"]]
 
 
 # --- PAdES ------------------------------------------------------------------------------------
@@ -93,7 +75,7 @@ def test_pades_levels_validate_with_pyhanko(
     source.write_bytes(sample_pdf("a contract"))
     report = card.sign("--format", "pades", "--level", level, str(source))
     assert report["session"] == "login" and report["level"] == level
-    (signed,) = outputs(report)
+    (signed,) = signed_outputs(report)
     assert signed == tmp_path / "contract-signed.pdf"
     pdf = signed.read_bytes()
 
@@ -154,7 +136,7 @@ def test_cades_detached_and_enveloping_verify_with_openssl(
     content = tmp_path / "data.bin"
     content.write_bytes(bytes(range(256)) * 40)
 
-    (detached,) = outputs(card.sign("--format", "cades", "--level", "B-LT", str(content)))
+    (detached,) = signed_outputs(card.sign("--format", "cades", "--level", "B-LT", str(content)))
     assert detached == tmp_path / "data.bin.p7s"
     verify = ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", detached,
               "-CAfile", ca_pem, "-out", "/dev/null"]  # fmt: skip
@@ -176,7 +158,7 @@ def test_cades_detached_and_enveloping_verify_with_openssl(
     assert signed_data["encap_content_info"]["content"].native is None  # detached
     assert len(signed_data["crls"]) == 1
 
-    (enveloping,) = outputs(card.sign("--format", "cades", "--packaging", "enveloping",
+    (enveloping,) = signed_outputs(card.sign("--format", "cades", "--packaging", "enveloping",
                                       "--level", "B-T", str(content)))  # fmt: skip
     assert enveloping == tmp_path / "data.bin.p7m"
     extracted = tmp_path / "extracted.bin"
@@ -218,7 +200,7 @@ def test_xades_enveloped_and_detached_verify_with_xmlsec1_and_signxml(
     source = tmp_path / "invoice.xml"
     source.write_bytes(XML)
 
-    (enveloped,) = outputs(card.sign("--format", "xades", "--level", "B-LT", str(source)))
+    (enveloped,) = signed_outputs(card.sign("--format", "xades", "--level", "B-LT", str(source)))
     assert enveloped == tmp_path / "invoice-signed.xml"
     assert "OK" in xmlsec1(enveloped, ca_pem)
     results = XAdESVerifier().verify(enveloped.read_bytes(), ca_pem_file=str(ca_pem))
@@ -242,7 +224,7 @@ def test_xades_enveloped_and_detached_verify_with_xmlsec1_and_signxml(
         base64.b64decode(unsigned.find(".//xades:EncapsulatedX509Certificate", NS).text))
     assert tsa_cert.subject.rfc4514_string() == "CN=cardbridge TSA"
 
-    (detached,) = outputs(card.sign("--format", "xades", "--packaging", "detached",
+    (detached,) = signed_outputs(card.sign("--format", "xades", "--packaging", "detached",
                                     "--level", "B-T", str(source)))  # fmt: skip
     assert detached == tmp_path / "invoice.xades.xml"
     assert "OK" in xmlsec1(detached, ca_pem)
@@ -269,11 +251,6 @@ def test_xades_enveloped_and_detached_verify_with_xmlsec1_and_signxml(
 # --- many files, one authorization; refusals ------------------------------------------------
 
 
-def audit(server: LiveServer) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = server.admin_json("audit", "export")
-    return records
-
-
 def test_many_files_take_one_authorization_per_multisign_documents(
     server: LiveServer, ca: x509.Certificate, tmp_path: Path
 ) -> None:
@@ -282,11 +259,11 @@ def test_many_files_take_one_authorization_per_multisign_documents(
     for n in range(MULTISIGN):
         sources.append(tmp_path / f"doc{n}.pdf")
         sources[-1].write_bytes(sample_pdf(f"document {n}"))
-    before = len(audit(server))
+    before = len(server.audit())
     report = card.sign("--format", "pades", *map(str, sources), "--out-dir", str(tmp_path / "out"))
-    for path in outputs(report):
+    for path in signed_outputs(report):
         assert validate_pdf(path.read_bytes(), ca).valid
-    mine = [r for r in audit(server)[before:] if r["actor"] == f"user:{card.user}"]
+    mine = [r for r in server.audit()[before:] if r["actor"] == f"user:{card.user}"]
     assert [r["event"] for r in mine if r["event"] in ("credential.authorize", "sign")] == [
         "credential.authorize", "sign"]  # fmt: skip
     assert next(r for r in mine if r["event"] == "sign")["details"]["count"] == MULTISIGN
@@ -317,11 +294,7 @@ def test_inputs_that_cannot_be_signed_get_one_line_each_and_the_others_are_signe
     inputs = [good, garbage, missing, encrypted]
     before = {p: p.read_bytes() for p in inputs if p.exists()}
 
-    pin = tmp_path / "pin"
-    pin.write_text(card.pin)
-    proc = card.cli("sign", "--format", "pades", *map(str, inputs), "--pin-file", str(pin),
-                    "--password-stdin", "--otp", card.otp(), input=PASSWORD + "\n",
-                    check=False)  # fmt: skip
+    proc = card.sign_process("--format", "pades", *map(str, inputs))
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [f"signed {good} -> {tmp_path / 'good-signed.pdf'}"]
     assert proc.stderr.splitlines() == [
@@ -417,7 +390,7 @@ def _signed(server: LiveServer, tmp_path: Path, fmt: str) -> bytes:
         card = user(server, tmp_path, f"maker-{fmt}")
         source = tmp_path / ("made.bin" if fmt == "cades" else "made.xml")
         source.write_bytes(b"made" if fmt == "cades" else XML)
-        (out,) = outputs(card.sign("--format", fmt, str(source)))
+        (out,) = signed_outputs(card.sign("--format", fmt, str(source)))
         _made[fmt] = out.read_bytes()
     return _made[fmt]
 
@@ -429,20 +402,16 @@ def test_tsa_option_stamps_with_another_authority(
     server: LiveServer, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     data = tmp_path_factory.mktemp("other-tsa") / "data"
-    init_data_dir(data)
-    other = start_server(data)
-    try:
+    with running_server(data) as other:
         card = user(server, tmp_path, "tsa-tom")
         content = tmp_path / "report.txt"
         content.write_text("stamped elsewhere\n")
         # Another TSA is trusted the system's way, here through $SSL_CERT_FILE.
-        proc = card.cli("sign", "--format", "cades", "--level", "B-T", "--tsa",
-                        f"{other.url}/tsa", str(content), "--pin-file", str(_pin(card, tmp_path)),
-                        "--password-stdin", "--otp", card.otp(), "--json",
-                        input=PASSWORD + "\n", check=False,
-                        env={"SSL_CERT_FILE": str(data / "ca.pem")})  # fmt: skip
+        proc = card.sign_process("--format", "cades", "--level", "B-T", "--tsa",
+                                 f"{other.url}/tsa", str(content), "--json",
+                                 env={"SSL_CERT_FILE": str(data / "ca.pem")})  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        (out,) = outputs(json.loads(proc.stdout))
+        (out,) = signed_outputs(json.loads(proc.stdout))
         signer = cms.ContentInfo.load(out.read_bytes())["content"]["signer_infos"][0]
         (stamp,) = [a["values"][0] for a in signer["unsigned_attrs"]
                     if a["type"].native == "signature_time_stamp_token"]  # fmt: skip
@@ -452,19 +421,11 @@ def test_tsa_option_stamps_with_another_authority(
                   tmp_path / "token.der", "-CAfile"]  # fmt: skip
         assert "Verification: OK" in run(*verify, data / "ca.pem")
         run(*verify, server.data / "ca.pem", ok=False)  # not our TSA
-        stamps = [r for r in other.admin_json("audit", "export") if r["event"] == "tsa.timestamp"]
-        assert stamps and not [r for r in audit(server) if r["event"] == "tsa.timestamp"
+        stamps = [r for r in other.audit() if r["event"] == "tsa.timestamp"]
+        assert stamps and not [r for r in server.audit() if r["event"] == "tsa.timestamp"
                                and r["details"]["imprint"] == stamps[-1]["details"]["imprint"]]
 
         unreachable = card.sign("--format", "cades", "--level", "B-T", "--tsa",
                                 "https://127.0.0.1:9/tsa", str(content), ok=False)  # fmt: skip
         (result,) = unreachable["results"]
         assert result["error"].startswith("the TSA https://127.0.0.1:9/tsa cannot be reached")
-    finally:
-        assert other.stop() == 0, other.log()
-
-
-def _pin(card: RemoteCard, tmp_path: Path) -> Path:
-    pin = tmp_path / "pin"
-    pin.write_text(card.pin)
-    return pin

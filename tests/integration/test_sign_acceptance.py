@@ -30,10 +30,10 @@ import pytest
 from asn1crypto import cms
 from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
-from bridge import PASSWORD, RemoteCard, enroll_card
-from cryptography import x509
+from bridge import RemoteCard, enroll_card, signed_outputs
 from cryptography.hazmat.primitives.serialization import Encoding
-from live_server import LiveServer, init_data_dir, set_policy, start_server
+from live_server import LiveServer, running_server
+from pcsc_stack import run
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import DocumentSecurityStore
 
@@ -48,33 +48,8 @@ BATCH = 50
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server whose credentials authorize up to MULTISIGN signatures at once."""
-    data = tmp_path_factory.mktemp("accept") / "data"
-    init_data_dir(data)
-    set_policy(data, multisign=MULTISIGN)
-    srv = start_server(data)
-    yield srv
-    assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture
-def ca(server: LiveServer) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((server.data / "ca.pem").read_bytes())
-
-
-def outputs(report: dict[str, Any]) -> list[Path]:
-    assert all(r["ok"] for r in report["results"]), report
-    return [Path(r["output"]) for r in report["results"]]
-
-
-def run(*args: str | Path, ok: bool = True) -> str:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
-    assert (proc.returncode == 0) == ok, f"{args}: {proc.stdout}{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def audit(server: LiveServer) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = server.admin_json("audit", "export")
-    return records
+    with running_server(tmp_path_factory.mktemp("accept") / "data", multisign=MULTISIGN) as srv:
+        yield srv
 
 
 # --- every key type ---------------------------------------------------------------------------
@@ -89,13 +64,13 @@ KEYS = {  # alg: (key algorithm, bits, the digest pyHanko picks for the key)
 
 @pytest.mark.parametrize("alg", list(KEYS))
 def test_every_key_type_signs_pades_b_lt_and_cades(
-    server: LiveServer, ca: x509.Certificate, tmp_path: Path, alg: str
+    server: LiveServer, tmp_path: Path, alg: str
 ) -> None:
-    card = enroll_card(server, f"keys-{alg}", tmp_path / "card", alg=alg)
+    card, ca = enroll_card(server, f"keys-{alg}", tmp_path / "card", alg=alg), server.ca
     kind, bits, digest = KEYS[alg]
     source = tmp_path / "contract.pdf"
     source.write_bytes(sample_pdf(f"signed with {alg}"))
-    (signed,) = outputs(card.sign("--format", "pades", "--level", "B-LT", str(source)))
+    (signed,) = signed_outputs(card.sign("--format", "pades", "--level", "B-LT", str(source)))
     pdf = signed.read_bytes()
     verdict = validate_pdf(pdf, ca)
     assert verdict.intact and verdict.valid and verdict.timestamp, verdict.summary
@@ -108,7 +83,7 @@ def test_every_key_type_signs_pades_b_lt_and_cades(
 
     content = tmp_path / "data.bin"
     content.write_bytes(alg.encode() * 1000)
-    (p7s,) = outputs(card.sign("--format", "cades", "--level", "B-T", str(content)))
+    (p7s,) = signed_outputs(card.sign("--format", "cades", "--level", "B-T", str(content)))
     verify = ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", p7s,
               "-CAfile", server.data / "ca.pem", "-out", "/dev/null", "-content"]  # fmt: skip
     assert "Verification successful" in run(*verify, content)
@@ -134,19 +109,19 @@ def pdfs(where: Path, count: int) -> list[Path]:
 
 
 def mine(server: LiveServer, card: RemoteCard, since: int) -> list[dict[str, Any]]:
-    return [r for r in audit(server)[since:] if r["actor"] == f"user:{card.user}"
+    return [r for r in server.audit()[since:] if r["actor"] == f"user:{card.user}"
             and r["event"] in ("credential.authorize", "sign")]  # fmt: skip
 
 
 def test_fifty_pdfs_take_one_authorization_and_a_corrupt_one_leaves_the_other_49_signed(
-    server: LiveServer, ca: x509.Certificate, tmp_path: Path
+    server: LiveServer, tmp_path: Path
 ) -> None:
-    card = enroll_card(server, "batch-fifty", tmp_path / "card", alg="p256")
+    card, ca = enroll_card(server, "batch-fifty", tmp_path / "card", alg="p256"), server.ca
     sources = pdfs(tmp_path / "in", BATCH)
-    before = len(audit(server))
+    before = len(server.audit())
     report = card.sign("--format", "pades", "--level", "B-T", *map(str, sources),
                        "--out-dir", str(tmp_path / "out"))  # fmt: skip
-    signed = outputs(report)
+    signed = signed_outputs(report)
     assert len(signed) == BATCH == len(set(signed))
     for path in signed:
         verdict = validate_pdf(path.read_bytes(), ca)
@@ -155,20 +130,16 @@ def test_fifty_pdfs_take_one_authorization_and_a_corrupt_one_leaves_the_other_49
     assert [r["event"] for r in records] == ["credential.authorize", "sign"]
     assert records[1]["details"]["count"] == BATCH
     # A timestamp per document, and one asked once to size them all (not one per document).
-    stamps = [r for r in audit(server)[before:] if r["event"] == "tsa.timestamp"]
+    stamps = [r for r in server.audit()[before:] if r["event"] == "tsa.timestamp"]
     assert len(stamps) == BATCH + 1
 
     # One of 50 is corrupt (a PDF cut in half): one line for it, the other 49 in one batch.
     inputs = pdfs(tmp_path / "in2", BATCH)
     corrupt = inputs[17]
     corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
-    pin = tmp_path / "pin"
-    pin.write_text(card.pin)
-    before = len(audit(server))
-    proc = card.cli("sign", "--format", "pades", "--level", "B-T", *map(str, inputs),
-                    "--out-dir", str(tmp_path / "out2"), "--pin-file", str(pin),
-                    "--password-stdin", "--otp", card.otp(), input=PASSWORD + "\n",
-                    check=False)  # fmt: skip
+    before = len(server.audit())
+    proc = card.sign_process("--format", "pades", "--level", "B-T", *map(str, inputs),
+                             "--out-dir", str(tmp_path / "out2"))  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [
         f"Error: {corrupt}: not a PDF (Could not read malformed PDF file)"
@@ -192,27 +163,18 @@ def test_where_no_totp_is_asked_the_pin_alone_authorizes_each_further_group(
     asks no TOTP (stdin holds only the password, so a prompt would fail) and authorizes each
     group of ``multisign`` documents with the PIN."""
     data = tmp_path_factory.mktemp("relaxed") / "data"
-    init_data_dir(data)
-    set_policy(data, multisign=3, csc_authorize_otp=False)
-    relaxed = start_server(data)
-    try:
+    with running_server(data, multisign=3, csc_authorize_otp=False) as relaxed:
         card = enroll_card(relaxed, "relaxed-rae", tmp_path / "card", alg="p256")
         sources = pdfs(tmp_path / "in", 7)
-        pin = tmp_path / "pin"
-        pin.write_text(card.pin)
-        before = len(audit(relaxed))
-        proc = card.cli("sign", "--format", "pades", *map(str, sources), "--out-dir",
-                        str(tmp_path / "out"), "--pin-file", str(pin), "--password-stdin",
-                        "--json", input=PASSWORD + "\n", check=False)  # fmt: skip
+        before = len(relaxed.audit())
+        proc = card.sign_process("--format", "pades", *map(str, sources), "--out-dir",
+                                 str(tmp_path / "out"), "--json", otp=False)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        ca = x509.load_pem_x509_certificate((data / "ca.pem").read_bytes())
-        for path in outputs(json.loads(proc.stdout)):
-            assert validate_pdf(path.read_bytes(), ca).valid, path
+        for path in signed_outputs(json.loads(proc.stdout)):
+            assert validate_pdf(path.read_bytes(), relaxed.ca).valid, path
         records = mine(relaxed, card, before)
         assert [r["event"] for r in records] == ["credential.authorize", "sign"] * 3
         assert [r["details"]["count"] for r in records if r["event"] == "sign"] == [3, 3, 1]
-    finally:
-        assert relaxed.stop() == 0, relaxed.log()
 
 
 # --- revocation -------------------------------------------------------------------------------
@@ -255,19 +217,19 @@ server makes none."""
 
 
 def test_after_admin_revoke_the_crl_lists_the_certificate_and_b_lt_validation_says_revoked(
-    server: LiveServer, ca: x509.Certificate, tmp_path: Path
+    server: LiveServer, tmp_path: Path
 ) -> None:
-    card = enroll_card(server, "revoked-rex", tmp_path / "card", alg="p256")
+    card, ca = enroll_card(server, "revoked-rex", tmp_path / "card", alg="p256"), server.ca
     cert = card.certificate("9c")
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(Encoding.PEM))
     source = tmp_path / "doc.pdf"
     source.write_bytes(sample_pdf("signed before and after the revocation"))
-    (before,) = outputs(card.sign("--format", "pades", "--level", "B-LT", str(source)))
+    (before,) = signed_outputs(card.sign("--format", "pades", "--level", "B-LT", str(source)))
     status = pdf_status(before.read_bytes(), ca, long_term=True)
     assert status.bottom_line and not status.revoked, status.summary()
 
     server.admin("revoke", card.user)
-    revoked_at = next(r["time"] for r in reversed(audit(server)) if r["event"] == "revoke")
+    revoked_at = next(r["time"] for r in reversed(server.audit()) if r["event"] == "revoke")
     crl_der = server.http.get("/crl").content
     (tmp_path / "crl.der").write_bytes(crl_der)
     text = run("openssl", "crl", "-inform", "DER", "-in", tmp_path / "crl.der", "-CAfile",
@@ -278,9 +240,8 @@ def test_after_admin_revoke_the_crl_lists_the_certificate_and_b_lt_validation_sa
 
     # cardbridge sign makes no signature any more: the server refuses the revoked user's device
     # at the login, before the CRL is asked for (README). One line, nothing written.
-    refused = card.cli("sign", "--format", "pades", "--level", "B-LT", str(source), "--out",
-                       str(tmp_path / "refused.pdf"), "--password-stdin", "--otp", card.otp(),
-                       input=PASSWORD + "\n", check=False)  # fmt: skip
+    refused = card.sign_process("--format", "pades", "--level", "B-LT", str(source), "--out",
+                                str(tmp_path / "refused.pdf"))  # fmt: skip
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert refused.stderr.splitlines() == [REFUSED], refused.stderr
     assert not refused.stdout and not (tmp_path / "refused.pdf").exists()

@@ -21,8 +21,7 @@ pytestmark = [pytest.mark.pcsc, pytest.mark.hsm]
 
 
 def logins(server: LiveServer, name: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = server.admin_json("audit", "export")
-    return [r for r in records if r["event"] == "login.ok" and r["actor"] == f"user:{name}"]
+    return [r for r in server.audit() if r["event"] == "login.ok" and r["actor"] == f"user:{name}"]
 
 
 def test_sign_uses_the_running_cards_session(

@@ -95,14 +95,24 @@ class RemoteCard:
         return self.cli("card", "login", "--password-stdin", "--otp", self.otp(),
                         input=PASSWORD + "\n", check=check)  # fmt: skip
 
-    def sign(self, *args: str, ok: bool = True) -> dict[str, Any]:
-        """``cardbridge sign ARGS --json`` with this user's PIN (``--pin-file``), a fresh TOTP
-        and, for a login of its own, the password on stdin; its report, and it exits 0 exactly
-        when ``ok``."""
+    def pin_file(self) -> Path:
+        """A file that holds this user's PIN (for ``--pin-file``)."""
         pin = self.path.parent / "pin"
         pin.write_text(self.pin + "\n")
-        secrets = ["--pin-file", str(pin), "--password-stdin", "--otp", self.otp()]
-        proc = self.cli("sign", *args, *secrets, "--json", input=PASSWORD + "\n", check=False)
+        return pin
+
+    def sign_process(
+        self, *args: str, otp: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``cardbridge sign ARGS`` with this user's PIN (``--pin-file``), a fresh TOTP (unless
+        not ``otp``) and, for a login of its own, the password on stdin; whatever its exit."""
+        secrets = ["--pin-file", str(self.pin_file()), "--password-stdin"]
+        secrets += ["--otp", self.otp()] if otp else []
+        return self.cli("sign", *args, *secrets, input=PASSWORD + "\n", check=False, env=env)
+
+    def sign(self, *args: str, ok: bool = True) -> dict[str, Any]:
+        """:meth:`sign_process` with ``--json``: its report; it exits 0 exactly when ``ok``."""
+        proc = self.sign_process(*args, "--json")
         assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
         report: dict[str, Any] = json.loads(proc.stdout)
         return report
@@ -110,6 +120,12 @@ class RemoteCard:
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.cli("card", "status", "--json").stdout)
         return result
+
+
+def signed_outputs(report: dict[str, Any]) -> list[Path]:
+    """The outputs of a ``cardbridge sign --json`` report in which every file was signed."""
+    assert all(r["ok"] for r in report["results"]), report
+    return [Path(r["output"]) for r in report["results"]]
 
 
 def enroll_card(
