@@ -23,7 +23,7 @@ from server import ca
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.requestid import RequestId
-from server.api.routes import admin, audit, auth, csc, health, piv
+from server.api.routes import admin, audit, auth, csc, health, piv, pki
 from server.config import Settings
 from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm, softhsm
@@ -105,7 +105,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)
-    for module in (piv, csc, auth, health, admin, audit):  # the busiest are matched first
+    for module in (piv, csc, auth, health, pki, admin, audit):  # the busiest are matched first
         for router in module.routers:
             app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

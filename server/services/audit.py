@@ -69,6 +69,9 @@ class Event(StrEnum):
     CERT_IMPORT = "admin.cert.import"
     SERVER_INIT = "server.init"
     SERVER_JOIN = "server.join"
+    TSA_KEY = "tsa.key"
+    TSA_TIMESTAMP = "tsa.timestamp"
+    TSA_REFUSED = "tsa.refused"
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,7 @@ def test_public_routes_are_exactly_these(api: Api) -> None:
         ("POST", "/csc/v1/info"), ("POST", "/csc/v2/info"), ("GET", "/healthz"), ("GET", "/readyz"),
         ("POST", "/api/v1/auth/login"), ("POST", "/api/v1/auth/refresh"),
         ("POST", "/api/v1/devices/enroll"), ("GET", "/api/v1/ca"),
+        ("POST", "/tsa"), ("GET", "/crl"), ("GET", "/ca.crt"),
     }
     with_password = {(m.upper(), p) for p, item in doc["paths"].items()
                      for m, op in item.items()
