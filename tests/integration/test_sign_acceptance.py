@@ -179,7 +179,7 @@ def test_where_no_totp_is_asked_the_pin_alone_authorizes_each_further_group(
 
 # --- revocation -------------------------------------------------------------------------------
 
-REFUSED = "Error: the DPoP key is not an enrolled device of this user (forbidden)"
+REFUSED = "Error: this device was revoked (admin revoke); enroll it again (forbidden)"
 """What ``cardbridge sign`` says after ``admin revoke``, which revokes the user's devices."""
 
 SIGN_WITH_THE_TOKEN = """

@@ -534,7 +534,9 @@ def test_a_revoked_device_loses_its_session(api: Api) -> None:
     assert api.client.post(f"/api/v1/admin/users/{user.name}/revoke",
                            headers=api.admin).status_code == 200
     error(api.client.get("/api/v1/pin/status", auth=auth), 401, "unauthorized")
-    error(login_as(api, user, user.otp()), 403, "forbidden")
+    refused = login_as(api, user, user.otp())
+    error(refused, 403, "forbidden")
+    assert "this device was revoked" in refused.json()["error_description"]
 
 
 def test_every_key_use_is_audited(api: Api) -> None:
