@@ -11,6 +11,7 @@ refuses work it cannot finish: nothing was done). A URL that failed is skipped f
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import logging
 import ssl
@@ -175,10 +176,17 @@ class ServerClient:
         # The header has one-second resolution: follow only a skew it can show.
         self._clock_offset = offset if abs(offset) > 2 else 0.0
 
-    def call(
-        self, method: str, path: str, *, json: Any = None, token: str | None = None
-    ) -> Answer:
-        """Send one request with a fresh DPoP proof (and ``token`` as ``Authorization: DPoP``).
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        **body: Any,
+    ) -> tuple[httpx.Response, str]:
+        """Send one request with a fresh DPoP proof (and ``token`` as ``Authorization: DPoP``)
+        to the first server that takes it; ``body`` is httpx's ``json`` or ``content``.
 
         :raises ServerRefused: the server answered with an error.
         :raises ServerUnavailable: no server took the request, or the one that did failed to
@@ -189,7 +197,9 @@ class ServerClient:
         for url in self._order():
             auth = DpopAuth(self.device, token, clock=self.now)
             try:
-                response = self._clients[url].request(method, path, json=json, auth=auth)
+                response = self._clients[url].request(
+                    method, path, auth=auth, headers=headers, **body
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 self._mark(url, down=True)
                 errors.append(f"{url}: {e or type(e).__name__}")
@@ -206,6 +216,39 @@ class ServerClient:
             self._mark(url, down=False)
             if not response.is_success:
                 raise ServerRefused.from_response(response)
-            body = response.json() if response.content else None
-            return Answer(body, url, _server_timing(response.headers.get(SERVER_TIMING)))
+            return response, url
         raise ServerUnavailable("no server answered: " + "; ".join(errors)) from last
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        token: str | None = None,
+        basic: tuple[str, str] | None = None,
+    ) -> Answer:
+        """Send one JSON request (see :meth:`_send`); ``basic`` is a user name and password
+        sent as HTTP Basic authentication (RFC 7617), as CSC ``auth/login`` takes them.
+
+        :raises ServerRefused, ServerUnavailable: as :meth:`_send`.
+        """
+        headers = None
+        if basic is not None:
+            pair = base64.b64encode(":".join(basic).encode()).decode("ascii")
+            headers = {"Authorization": f"Basic {pair}"}
+        response, url = self._send(method, path, token=token, headers=headers, json=json)
+        body = response.json() if response.content else None
+        return Answer(body, url, _server_timing(response.headers.get(SERVER_TIMING)))
+
+    def fetch(
+        self, method: str, path: str, *, content: bytes | None = None, media_type: str = ""
+    ) -> bytes:
+        """One request of a public endpoint whose answer is not JSON (a timestamp, a CRL).
+
+        :param media_type: the ``Content-Type`` of ``content``.
+        :raises ServerRefused, ServerUnavailable: as :meth:`_send`.
+        """
+        headers = {"Content-Type": media_type} if content is not None else None
+        response, _ = self._send(method, path, headers=headers, content=content)
+        return response.content

@@ -30,6 +30,10 @@ class ControlError(Exception):
     """The card process cannot be reached, or it refused the request (its message)."""
 
 
+class CardNotRunning(ControlError):
+    """No card process listens on the socket (none was started, or it ended)."""
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -109,7 +113,8 @@ def _answers(path: Path) -> bool:
 def request(path: Path, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
     """Send one request to the running card and return its answer.
 
-    :raises ControlError: no card runs there, or it answered ``ok: false``.
+    :raises CardNotRunning: no card runs there.
+    :raises ControlError: the card cannot be reached, or it answered ``ok: false``.
     """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -119,9 +124,11 @@ def request(path: Path, op: str, timeout: float = 30.0, **fields: Any) -> dict[s
             with s.makefile("rb") as f:
                 line = f.readline(MAX_LINE)
     except FileNotFoundError as e:
-        raise ControlError(
+        raise CardNotRunning(
             f"no card is running (no {path}): start it with `cardbridge card run`"
         ) from e
+    except ConnectionRefusedError as e:  # a socket left behind by a card that ended
+        raise CardNotRunning(f"no card is running (nothing listens on {path})") from e
     except OSError as e:
         raise ControlError(f"cannot reach the running card at {path}: {e}") from e
     try:

@@ -44,7 +44,10 @@ from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko.sign.pkcs11 import PKCS11Signer, open_pkcs11_session
 from pyhanko.sign.validation import async_validate_pdf_signature
+from pyhanko.sign.validation.dss import DocumentSecurityStore
+from pyhanko.sign.validation.errors import NoDSSFoundError
 from pyhanko.sign.validation.settings import KeyUsageConstraints
+from pyhanko.sign.validation.status import PdfSignatureStatus
 from pyhanko_certvalidator import ValidationContext
 
 from relay.config import CONFIG_ENV, RUNTIME_ENV
@@ -116,7 +119,7 @@ def sign_pdf(pdf: bytes, module: str, pin: str, *, key_id: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Validation:
-    """pyHanko's verdict on a PDF's first signature."""
+    """pyHanko's verdict on one signature of a PDF."""
 
     intact: bool
     """The signed bytes are unchanged."""
@@ -124,6 +127,8 @@ class Validation:
     """The signature is cryptographically valid and its certificate chains to the CA."""
     signer: str
     """The signing certificate's subject (RFC 4514)."""
+    timestamp: bool | None
+    """Its signature timestamp is valid and trusted (None: it has none)."""
     summary: str
 
 
@@ -132,22 +137,58 @@ SIGNER_KEY_USAGE: Final = KeyUsageConstraints(key_usage={"digital_signature", "n
 (9C, the PIV digital signature key); pyHanko's default asks for nonRepudiation alone."""
 
 
-def validate_pdf(pdf: bytes, ca: x509.Certificate) -> Validation:
-    """Validate the first signature of ``pdf`` with ``ca`` as the only trust anchor and no
-    network access."""
-    embedded = PdfFileReader(BytesIO(pdf)).embedded_signatures[0]
-    context = ValidationContext(
-        trust_roots=[asn1_x509.Certificate.load(ca.public_bytes(Encoding.DER))],
-        allow_fetching=False,
+def pdf_status(
+    pdf: bytes,
+    ca: x509.Certificate,
+    *,
+    index: int = 0,
+    long_term: bool = False,
+    also_trusted: tuple[x509.Certificate, ...] = (),
+) -> PdfSignatureStatus:
+    """pyHanko's status of signature ``index`` of ``pdf`` with ``ca`` as the only trust anchor
+    (and ``also_trusted``) and no network access.
+
+    :param long_term: with only the validation data the PDF carries (its document security
+        store, ETSI EN 319 142-1 B-LT), a certificate without revocation data being refused.
+    """
+    reader = PdfFileReader(BytesIO(pdf))
+    embedded = reader.embedded_signatures[index]
+    settings: dict[str, Any] = {
+        "trust_roots": [asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
+                        for c in (ca, *also_trusted)],  # fmt: skip
+        "allow_fetching": False,
+    }
+    dss: DocumentSecurityStore | None = None
+    if long_term:
+        settings["revocation_mode"] = "hard-fail"
+        try:
+            dss = DocumentSecurityStore.read_dss(reader)
+        except NoDSSFoundError:
+            settings["crls"] = []  # nothing embedded, nothing to check revocation with
+
+    def context() -> ValidationContext:
+        return dss.as_validation_context(settings) if dss else ValidationContext(**settings)
+
+    return asyncio.run(
+        async_validate_pdf_signature(
+            embedded, context(), ts_validation_context=context(),
+            key_usage_settings=SIGNER_KEY_USAGE,
+        )  # fmt: skip
     )
-    status = asyncio.run(
-        async_validate_pdf_signature(embedded, context, key_usage_settings=SIGNER_KEY_USAGE)
-    )
+
+
+def validate_pdf(
+    pdf: bytes, ca: x509.Certificate, *, index: int = 0, long_term: bool = False
+) -> Validation:
+    """:func:`pdf_status`, summed up."""
+    status = pdf_status(pdf, ca, index=index, long_term=long_term)
     signer = x509.load_der_x509_certificate(status.signing_cert.dump()).subject
+    stamp = status.timestamp_validity
     return Validation(
         intact=bool(status.intact),
         valid=bool(status.valid and status.trusted),
         signer=signer.rfc4514_string(),
+        timestamp=None if stamp is None else bool(stamp.valid and stamp.trusted),
         summary=status.summary(),
     )
 

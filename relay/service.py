@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The enrolled card while it runs: its server client, the user's session, the remote key
-backend, and the answers to the control channel (``card login|status|logout|approve``)."""
+backend, and the answers to the control channel (``card login|status|logout|approve``, and the
+CSC requests of ``cardbridge sign``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 OUTCOME_MARGIN: Final = 5.0
 """Seconds ``approve`` waits for the signature's outcome beyond the server's answer timeout."""
+CSC_METHODS: Final = frozenset(
+    {"credentials/info", "credentials/authorize", "signatures/signHash"}
+)
+"""The CSC v2 methods ``cardbridge sign`` may have the card call in its session: what signing
+needs, nothing that would hand out the session (no login, no token revocation)."""
 
 
 def _summary(values: list[float]) -> dict[str, float] | None:
@@ -65,6 +71,7 @@ class CardService:
             "logout": self.logout,
             "approve": self.approve,
             "stats": self.stats,
+            "csc": self.csc,
         }
 
     @property
@@ -142,6 +149,17 @@ class CardService:
         if outcome != "signed":
             return {"ok": False, "error": f"signature #{approval.id}: {outcome}"}
         return {"ok": True, "outcome": outcome, "approval": approval.as_dict()}
+
+    def csc(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One CSC v2 request of ``cardbridge sign`` in the card's session (its tokens and DPoP
+        proofs never leave this process); its JSON answer as ``body``."""
+        method, body = request.get("method"), request.get("body")
+        if method not in CSC_METHODS:
+            return {"ok": False, "error": f"the card does not make the CSC request {method!r}"}
+        if not isinstance(body, dict):
+            return {"ok": False, "error": "a CSC request's body is a JSON object"}
+        answer = self.session.call("POST", f"/csc/v2/{method}", json=body)
+        return {"ok": True, "body": answer.body}
 
     def stats(self, request: dict[str, Any]) -> dict[str, Any]:
         """The key operations' timings since the last ``clear`` (for ``scripts/bench-e2e``)."""

@@ -25,7 +25,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.metrics import Metrics
 from server.api.requestid import RequestId
-from server.api.routes import admin, audit, auth, csc, health, metrics, piv
+from server.api.routes import admin, audit, auth, csc, health, metrics, piv, pki
 from server.config import Settings
 from server.db import bind_keys, make_engine, session_factory
 from server.hsm import Hsm, softhsm
@@ -110,7 +110,7 @@ def create_app(
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestId)
     app.add_middleware(Metrics)  # outermost: it counts what the others answer too
-    for module in (piv, csc, auth, health, admin, audit, metrics):  # the busiest first
+    for module in (piv, csc, auth, health, pki, admin, audit, metrics):  # the busiest first
         for router in module.routers:
             app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

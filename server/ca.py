@@ -8,6 +8,13 @@ Profiles (SP 800-73-4 / FIPS 201-3 usage, Microsoft smart-card logon requirement
 - 9C digital signature: digitalSignature + nonRepudiation; EKU emailProtection; SAN e-mail.
 - 9D key management: keyEncipherment (RSA) or keyAgreement (EC); EKU emailProtection.
 - 9E card authentication: digitalSignature; EKU id-PIV-cardAuth (2.16.840.1.101.3.6.8).
+- the time-stamping authority (RFC 3161 §2.3): digitalSignature; EKU timeStamping, critical.
+
+Every certificate it issues names where its revocation status and its issuer are published
+(RFC 5280 §4.2.1.13 CRL distribution point, §4.2.2.1 authority information access):
+``{base_url}/crl`` and ``{base_url}/ca.crt``, so a validator that fetches nothing else can check
+a signature for the long term (ETSI EN 319 102-1). :func:`build_crl` signs the CRL with the CA
+key in the HSM.
 
 For an external CA, :func:`build_csr` makes a CSR signed in the HSM and
 :func:`check_cert_matches` refuses an issued certificate that is not for the slot's key.
@@ -25,7 +32,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    NameOID,
+    ObjectIdentifier,
+)
 
 from server.algorithms import KeyAlg
 from server.errors import Conflict, HsmError, InvalidRequest, NotFound
@@ -35,6 +47,9 @@ from server.hsm.pkcs11 import Hsm, KeyRef, PublicKey
 OID_SMARTCARD_LOGON: Final = ObjectIdentifier("1.3.6.1.4.1.311.20.2.2")
 OID_UPN: Final = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 OID_PIV_CARD_AUTH: Final = ObjectIdentifier("2.16.840.1.101.3.6.8")
+CRL_PATH: Final = "/crl"
+CA_CERT_PATH: Final = "/ca.crt"
+TSA_NAME: Final = "cardbridge TSA"
 
 CA_DAYS: Final = 3650
 TLS_DAYS: Final = 825
@@ -61,9 +76,13 @@ def _key_usage(**flags: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**{n: flags.get(n, False) for n in names})
 
 
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+def _validity(
+    builder: x509.CertificateBuilder, days: int, until: dt.datetime | None = None
+) -> x509.CertificateBuilder:
+    """Valid from now (backdated a little) for ``days``, but not after ``until``."""
     now = dt.datetime.now(dt.UTC)
-    return builder.not_valid_before(now - _BACKDATE).not_valid_after(now + dt.timedelta(days=days))
+    end = now + dt.timedelta(days=days)
+    return builder.not_valid_before(now - _BACKDATE).not_valid_after(min(end, until or end))
 
 
 def _sign(builder: x509.CertificateBuilder, hsm: Hsm, ca_ref: KeyRef) -> x509.Certificate:
@@ -96,10 +115,17 @@ def create_ca(
 
 
 def _issued(
-    ca_cert: x509.Certificate, subject: x509.Name, public_key: PublicKey, days: int
+    ca_cert: x509.Certificate,
+    subject: x509.Name,
+    public_key: PublicKey,
+    days: int,
+    base_url: str,
 ) -> x509.CertificateBuilder:
-    """A builder for an end-entity certificate under ``ca_cert``."""
+    """A builder for an end-entity certificate under ``ca_cert`` that names the CRL and the CA
+    certificate under ``base_url`` (module docstring); it never outlives the CA."""
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    crl = x509.UniformResourceIdentifier(base_url + CRL_PATH)
+    issuer = x509.UniformResourceIdentifier(base_url + CA_CERT_PATH)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -111,12 +137,22 @@ def _issued(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
+        .add_extension(
+            x509.CRLDistributionPoints([x509.DistributionPoint([crl], None, None, None)]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityInformationAccess(
+                [x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, issuer)]
+            ),
+            critical=False,
+        )
     )
-    return _validity(builder, days)
+    return _validity(builder, days, until=ca_cert.not_valid_after_utc)
 
 
 def issue_tls_cert(
-    hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate, names: Sequence[str]
+    hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate, names: Sequence[str], *, base_url: str
 ) -> tuple[x509.Certificate, bytes]:
     """Issue the server's TLS certificate for DNS names and IP addresses.
 
@@ -134,7 +170,7 @@ def issue_tls_cert(
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     builder = (
-        _issued(ca_cert, subject, key.public_key(), TLS_DAYS)
+        _issued(ca_cert, subject, key.public_key(), TLS_DAYS, base_url)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
@@ -156,10 +192,13 @@ def issue_slot_cert(
     subject_name: str,
     email: str | None = None,
     upn: str | None = None,
+    *,
+    base_url: str,
 ) -> x509.Certificate:
     """Issue the certificate of one PIV slot with that slot's profile (module docstring).
 
     :param slot: ``9a``, ``9c``, ``9d`` or ``9e``.
+    :param base_url: where the CRL and the CA certificate are published.
     :param subject_name: the subject's common name (the user name).
     :param email: rfc822Name in the SAN of 9A, 9C and 9D.
     :param upn: Microsoft UPN otherName in the SAN of 9A (Windows logon).
@@ -192,13 +231,59 @@ def issue_slot_cert(
         alt_names.append(x509.RFC822Name(email))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_name)])
     builder = (
-        _issued(ca_cert, subject, public_key, SLOT_DAYS)
+        _issued(ca_cert, subject, public_key, SLOT_DAYS, base_url)
         .add_extension(usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     )
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     return _sign(builder, hsm, ca_ref)
+
+
+def issue_tsa_cert(
+    hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certificate, public_key: PublicKey, *, base_url: str
+) -> x509.Certificate:
+    """Issue the time-stamping authority's certificate: digitalSignature and the critical EKU
+    timeStamping and nothing else (RFC 3161 §2.3), valid as long as the CA."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TSA_NAME)])
+    builder = (
+        _issued(ca_cert, subject, public_key, CA_DAYS, base_url)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+    )
+    return _sign(builder, hsm, ca_ref)
+
+
+def build_crl(
+    hsm: Hsm,
+    ca_ref: KeyRef,
+    ca_cert: x509.Certificate,
+    *,
+    number: int,
+    revoked: Sequence[tuple[int, dt.datetime]],
+    this_update: dt.datetime,
+    next_update: dt.datetime,
+) -> x509.CertificateRevocationList:
+    """A complete CRL of the CA (RFC 5280 §5): ``revoked`` as (serial number, revocation time),
+    with the cRLNumber and authorityKeyIdentifier extensions the profile requires, signed by
+    the CA key in the HSM."""
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    key = private_key(hsm, ca_ref)
+    return builder.sign(key, _hash_for(key))
 
 
 def build_csr(hsm: Hsm, ref: KeyRef, subject: x509.Name) -> x509.CertificateSigningRequest:

@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from server.adminclient import SERVER_URL_FILE, AdminApiError, AdminClient
-from server.config import DEFAULT_BIND, Settings
+from server.config import DEFAULT_BIND, Settings, local_url
 from server.errors import ServerError
 from server.schemas import KeyAlgName, Slot
 
@@ -99,7 +99,8 @@ PublicUrlOpt = Annotated[
     typer.Option(
         "--public-url",
         help="https://HOST[:PORT] that clients use (a load balancer); HOST goes into the TLS "
-        "certificate.",
+        "certificate, the URL into issued certificates (CRL, CA issuers; default: the bind "
+        "address).",
     ),
 ]
 NodeNameOpt = Annotated[
@@ -316,15 +317,6 @@ def parse_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CliError(f"--bind wants HOST:PORT, got {bind!r}")
     return host.strip("[]"), int(port)
-
-
-def local_url(host: str, port: int) -> str:
-    """The URL a local client uses to reach a server bound to ``host``."""
-    if host in ("0.0.0.0", ""):  # noqa: S104 - the wildcard is mapped to loopback here
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def _snapshot(data: Path) -> set[str]:

@@ -37,6 +37,15 @@ _PATHS = (
 _SQLITE = "sqlite:///"
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL a local client uses to reach a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - the wildcard is mapped to loopback here
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 class Policy(BaseModel):
     """Security policy (DESIGN.md rules 4-6); lifetimes in seconds."""
 
@@ -72,6 +81,9 @@ class Policy(BaseModel):
     """RSA decryptions one key may do for one login (across its refreshes) within
     ``decrypt_window``; past it the answer is 429 ``decryption_budget_exhausted``, audited."""
     decrypt_window: int = Field(default=3600, gt=0)
+    tsa_per_minute: int = Field(default=600, ge=1)
+    """Requests one client address may make to ``/tsa`` per minute, on all nodes together (the
+    endpoint is public, and every timestamp costs an HSM signature and an audit record)."""
 
     def ttl(self, name: str) -> timedelta:
         """The lifetime called ``name`` (e.g. ``"sad_ttl"``) as a timedelta."""
@@ -178,6 +190,16 @@ class Settings(BaseModel):
             f.write("\n")
         os.replace(tmp, path)
         return path
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach the deployment: :attr:`public_url`, else this node's bind address.
+        Certificates issued by the CA name its ``/crl`` and ``/ca.crt`` there (RFC 5280
+        §4.2.1.13, §4.2.2.1)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, _, port = self.bind.rpartition(":")
+        return local_url(host.strip("[]"), int(port))
 
     def _relative(self, path: Path) -> str:
         return str(path.relative_to(self.data_dir) if path.is_relative_to(self.data_dir) else path)

@@ -42,10 +42,12 @@ from server.errors import Conflict, InvalidRequest, NotFound
 from server.hsm import Hsm, KeyRef, softhsm
 from server.hsm.secrets import ServerKeys
 from server.models import Deployment
-from server.services import deployment, enrollment, tokens
+from server.services import deployment, enrollment, tokens, tsa
 from server.services.hashing import new_token
 
 CA_NAME = "cardbridge CA"
+TSA_LABEL = "cardbridge/tsa"
+"""Label prefix of the time-stamping authority's key on the token."""
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -170,9 +172,10 @@ def init_data_dir(
     node_name: str | None = None,
 ) -> Settings:
     """Create whatever DIR lacks: settings, HSM token, the server's HSM keys, database
-    (migrated), CA (recorded as the database's deployment), TLS certificate, admin token.
-    Idempotent: what exists is kept as it is, so running it on an existing directory upgrades
-    it (keys and migrations that need the HSM).
+    (migrated), CA (recorded as the database's deployment), TLS certificate, the time-stamping
+    authority (recorded with the deployment), admin token. Idempotent: what exists is kept as
+    it is, so running it on an existing directory upgrades it (keys, migrations that need the
+    HSM, a TSA for a deployment set up before timestamps).
 
     :param hsm_module: any PKCS#11 module; then ``token_label`` and ``hsm_pin_file`` name an
         existing token. Without it a SoftHSM2 token is created in DIR.
@@ -206,6 +209,7 @@ def init_data_dir(
         _write_ca(settings, ca_ref, ca_cert)
         if not (settings.tls_cert.exists() and settings.tls_key.exists()):
             _issue_tls(settings, hsm, ca_ref, ca_cert)
+        _ensure_tsa(settings, hsm, keys, ca_ref, ca_cert)
         if not settings.admin_token_file.exists():
             _create_admin_token(settings, keys)
         _create_metrics_token(settings)
@@ -226,6 +230,34 @@ def _record(
     except Conflict:
         if settings.ca_key_id != ca_ref.key_id:
             hsm.destroy_key(ca_ref)
+        raise
+
+
+def _ensure_tsa(
+    settings: Settings, hsm: Hsm, keys: ServerKeys, ca_ref: KeyRef, ca_cert: x509.Certificate
+) -> None:
+    """Give the deployment its time-stamping authority (RFC 3161) if it has none yet: a key
+    generated in the HSM (labelled beside the server keys of :mod:`server.hsm.secrets`) and a
+    certificate from the CA, recorded with the deployment so that every node serves ``/tsa``
+    with it. A deployment set up before timestamps gets it when ``server init`` runs on its
+    data directory again (the upgrade); ``server join`` never makes one. Its audit record is
+    MACed with the server keys like every other; a key made for a deployment that got its TSA
+    meanwhile is destroyed."""
+    with _database(settings.db_url, keys) as session:
+        row = deployment.find(session)
+        if row is None or row.tsa_key_id is not None:
+            return
+    ref = hsm.generate_key(tsa.KEY_ALG, f"{TSA_LABEL}/{secrets.token_hex(8)}", sign_only=True)
+    try:
+        cert = ca.issue_tsa_cert(
+            hsm, ca_ref, ca_cert, hsm.public_key(ref), base_url=settings.base_url
+        )
+        with _database(settings.db_url, keys) as session:
+            deployment.record_tsa(session, row, ref, cert, node=settings.node_name)
+    except Conflict:
+        hsm.destroy_key(ref)  # another init gave it one: that one stays
+    except BaseException:
+        hsm.destroy_key(ref)
         raise
 
 
@@ -284,7 +316,7 @@ def _issue_tls(settings: Settings, hsm: Hsm, ca_ref: KeyRef, ca_cert: x509.Certi
     _mkdir(settings.tls_cert.parent)
     _mkdir(settings.tls_key.parent)
     names = _tls_names(settings.bind, settings.public_url)
-    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, names)
+    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, names, base_url=settings.base_url)
     settings.tls_key.unlink(missing_ok=True)  # a lone key without its certificate is useless
     write_secret(settings.tls_key, key_pem)
     settings.tls_cert.write_bytes(

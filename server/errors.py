@@ -36,6 +36,20 @@ class InvalidRequest(ServerError):
     status = 400
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not of the media type the route takes."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class TooLarge(InvalidRequest):
+    """The body is larger than the route takes."""
+
+    code = "request_too_large"
+    status = 413
+
+
 class Unauthorized(ServerError):
     """No valid credentials (token, password, OTP) were presented."""
 

@@ -111,6 +111,8 @@ class Credential(Base):
     """Hex CKA_ID of the private key in the HSM."""
     cert_pem: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    revoked_at: Mapped[datetime | None]
+    """When ``admin revoke`` revoked it: its certificate's revocation date on the CRL."""
     otp_per_signature: Mapped[bool] = mapped_column(Boolean, default=False)
     pin_always: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -269,3 +271,39 @@ class Deployment(Base):
     token_label: Mapped[str] = mapped_column(String(64))
     """Label of the HSM token that holds the CA key and every user key."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    tsa_key_id: Mapped[str | None] = mapped_column(String(128))
+    """Hex CKA_ID of the time-stamping authority's key in the HSM (RFC 3161); set by ``server
+    init``, on a new data directory or on the upgrade of an existing one."""
+    tsa_key_alg: Mapped[str | None] = mapped_column(String(16))
+    tsa_cert_pem: Mapped[str | None] = mapped_column(Text)
+    """The TSA's certificate, issued by the CA (critical EKU timeStamping)."""
+
+
+class RevocationList(Base):
+    """The CA's current CRL (RFC 5280 §5), one row (``id`` 1) that every node serves: signed
+    again when a revocation changes what it lists or before its ``next_update``."""
+
+    __tablename__ = "revocation_list"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    number: Mapped[int] = mapped_column(BigInteger)
+    """The cRLNumber extension: grows by one with each CRL."""
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    this_update: Mapped[datetime]
+    next_update: Mapped[datetime]
+    revoked: Mapped[int] = mapped_column(Integer)
+    """How many revoked credentials it was made from ..."""
+    last_revoked_at: Mapped[datetime | None]
+    """... and the latest of their revocation times: a revocation since changes one of them."""
+
+
+class TsaBudget(Base):
+    """Timestamps one client address asked ``/tsa`` for in the current window, counted in the
+    database so that every node spends the same budget (``Policy.tsa_per_minute``)."""
+
+    __tablename__ = "tsa_budgets"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The client's address (the TCP peer, :func:`server.api.deps.client_address`)."""
+    window_start: Mapped[datetime] = mapped_column(index=True)
+    used: Mapped[int] = mapped_column(Integer)

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import os
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -35,6 +32,7 @@ from typing import Any
 import httpx
 import pkcs11
 import pyotp
+from bench_common import CARDBRIDGE, PASSWORD, BenchServer, cli, cpu_seconds, wait
 from pkcs11 import Mechanism, ObjectClass
 
 from relay import control
@@ -45,33 +43,10 @@ from vcard.doctor import card_answers, card_ready, percentile
 
 READER = "cardbridge vpcd 00 00"
 MODULE = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
-CARDBRIDGE = str(Path(sys.executable).with_name("cardbridge"))
 YUBIKEY_MS = {"p256": 72.0, "rsa2048": 138.0}
 TARGET_MS = {"p256": 10.0, "rsa2048": 15.0}
 MECHANISM = {"p256": Mechanism.ECDSA_SHA256, "rsa2048": Mechanism.SHA256_RSA_PKCS}
 NAME = {"p256": "P-256 (ECDSA-SHA256)", "rsa2048": "RSA-2048 (SHA256-RSA-PKCS)"}
-PASSWORD = "benchmark password 1"  # noqa: S105 -- the throwaway demo user's
-
-
-def wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            sys.exit(f"bench-e2e: timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def cli(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> str:
-    proc = subprocess.run([CARDBRIDGE, *args], capture_output=True, text=True, input=input,
-                          env=env, timeout=300, check=False)  # fmt: skip
-    if proc.returncode:
-        sys.exit(f"bench-e2e: cardbridge {' '.join(args[:2])} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -90,43 +65,14 @@ class Bench:
 
     def __init__(self, work: Path, signatures: int, hops: int) -> None:
         self.work, self.signatures, self.hops = work, signatures, hops
-        self.data = work / "server"
-        cli("server", "init", "--data", str(self.data))
-        self.server_log = (work / "server.log").open("wb")
-        self.server = subprocess.Popen(
-            [CARDBRIDGE, "server", "run", "--data", str(self.data), "--workers", "1"],
-            stdout=self.server_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait(lambda: (self.data / "server.url").exists(), "the server")
-        self.url = (self.data / "server.url").read_text().strip()
-        self.context = ssl.create_default_context(cafile=str(self.data / "ca.pem"))
-        wait(self._healthy, "the server's /healthz")
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", verify=self.context).status_code == 200
-        except httpx.HTTPError:
-            return False
+        self.server = BenchServer(work, "--workers", "1")
+        self.url, self.context = self.server.url, self.server.context
 
     def close(self) -> None:
-        self.server.send_signal(signal.SIGTERM)
-        self.server.wait(30)
-        self.server_log.close()
-
-    def enroll(self, alg: str) -> tuple[dict[str, Any], dict[str, str]]:
-        name = f"bench-{alg}"
-        cli("admin", "--data", str(self.data), "user", "add", name, "--password-stdin",
-            input=PASSWORD + "\n")  # fmt: skip
-        enrollment: dict[str, Any] = json.loads(
-            cli("admin", "--data", str(self.data), "enroll", name, "--alg", alg, "--json"))
-        env = {**os.environ, "CARDBRIDGE_CONFIG": str(self.work / alg / "config"),
-               "CARDBRIDGE_RUNTIME_DIR": str(self.work / alg / "run")}  # fmt: skip
-        cli("card", "enroll", "--server", self.url, "--code", enrollment["enrollment_code"],
-            env=env)  # fmt: skip
-        return enrollment, env
+        self.server.close()
 
     def card(self, alg: str) -> None:
-        enrollment, env = self.enroll(alg)
+        enrollment, env = self.server.enroll(f"bench-{alg}", alg)
         card = subprocess.Popen([CARDBRIDGE, "card", "run"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env)  # fmt: skip
         try:

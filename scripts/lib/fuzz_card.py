@@ -663,9 +663,10 @@ class Limits:
         return sent >= self.count or time.monotonic() >= self.until
 
 
-def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
+def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> float:
     """Episodes of 20-300 steps from a card reset, with the checks every 6-24 steps and at
-    the end of each; raises ``InvariantBroken``. Prints the figures at the end."""
+    the end of each; raises ``InvariantBroken``. Prints the figures at the end and returns
+    how many MB the card's RSS grew since the start."""
     rng, stats = fuzzer.rng, fuzzer.stats
     start = time.monotonic()
     rss = {"start": fuzzer.rss_mb()}
@@ -708,6 +709,7 @@ def fuzz(fuzzer: Fuzzer, steps: Iterator[Step], limits: Limits) -> None:
           f"APDU {warm_at}, {rss['end'] - rss['start']:+.1f} MB since the start")
     print("status words of the fuzz APDUs and their follow-ups:")
     print("                 " + histogram(stats.sw))
+    return rss["end"] - rss["start"]
 
 
 def histogram(sws: Counter[int]) -> str:
@@ -732,6 +734,10 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument(
+        "--max-rss-growth", type=float, metavar="MB", default=5.0,
+        help="exit 1 when the card's RSS grew more than this since the start (default 5)",
+    )  # fmt: skip
     parser.add_argument(
         "--attach", type=int, metavar="PID", default=None,
         help="fuzz the card already in the reader, run by process PID (default PIN, PUK and "
@@ -765,7 +771,7 @@ def main() -> int:
         rng = random.Random(seed)
         fuzzer = Fuzzer(READER, pid, rng, on_abort=abort)
         try:
-            fuzz(fuzzer, commands(rng), Limits(count, until))
+            growth = fuzz(fuzzer, commands(rng), Limits(count, until))
         except InvariantBroken as e:
             fuzzer.report(str(e))
             print(f"Replay: scripts/fuzz-card --seed {seed} --count {fuzzer.stats.sent}")
@@ -776,6 +782,10 @@ def main() -> int:
         finally:
             if card is not None:
                 stop_card(card)
+    if growth > args.max_rss_growth:
+        print(f"fuzz-card: the card's RSS grew {growth:.1f} MB, more than "
+              f"--max-rss-growth {args.max_rss_growth:g}")  # fmt: skip
+        return 1
     return 0
 
 

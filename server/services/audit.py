@@ -72,6 +72,9 @@ class Event(StrEnum):
     SERVER_JOIN = "server.join"
     KEY_REFUSED = "key.refused"
     """A key use refused by rule 3 or the PIN policy (:mod:`server.services.piv`)."""
+    TSA_KEY = "tsa.key"
+    TSA_TIMESTAMP = "tsa.timestamp"
+    TSA_REFUSED = "tsa.refused"
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,9 @@ def enroll(
             ref = hsm.generate_key(slot_alg, f"{name}/{slot}/{cred_id}", sign_only=slot != "9d")
             generated.append(ref)
             cert = ca.issue_slot_cert(
-                hsm, ca_ref, ca_cert, slot, hsm.public_key(ref), name, user.email, user.upn
-            )
+                hsm, ca_ref, ca_cert, slot, hsm.public_key(ref), name, user.email, user.upn,
+                base_url=settings.base_url,
+            )  # fmt: skip
             session.add(
                 Credential(
                     id=cred_id,
@@ -163,12 +164,14 @@ def enroll(
 def revoke(session: Session, name: str, *, actor: str = "admin") -> int:
     """Revoke every credential of ``name`` with its sessions, SADs, devices and unused
     enrollment codes; returns the number of credentials revoked. Keys stay in the HSM
-    (a 9D key may still be needed to recover old mail) but are never used again.
+    (a 9D key may still be needed to recover old mail) but are never used again; their
+    certificates are on the next CRL (:mod:`server.services.revocation`).
     """
     user = users.get_user(session, name)
     creds = credentials.list_for_user(session, user.id)
+    now = utcnow()
     for cred in creds:
-        cred.status = REVOKED
+        cred.status, cred.revoked_at = REVOKED, now
     users.revoke_sessions(session, user.id)
     session.execute(update(Device).where(Device.user_id == user.id).values(revoked=True))
     session.execute(

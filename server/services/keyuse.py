@@ -15,14 +15,12 @@ every path that uses keys: CSC signing, the PIV operations under ``/api/v1``, an
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from typing import Final, cast
 
-from sqlalchemy import Table, bindparam, case, delete, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
 from server import observe
@@ -30,8 +28,9 @@ from server.config import Policy
 from server.db import runner
 from server.errors import DecryptionBudgetExhausted, Forbidden, InvalidOtp, NotFound, PinBlocked
 from server.hsm import KeyAlg, KeyRef
-from server.models import Credential, DecryptBudget, User, utcnow
+from server.models import Credential, DecryptBudget, User
 from server.services import otp
+from server.services.budgets import WindowedBudget
 from server.services.credentials import ACTIVE
 
 
@@ -182,31 +181,7 @@ def check_otp(
     otp.verify(session, owner, code, policy, actor=actor)
 
 
-_BUDGETS = cast(Table, DecryptBudget.__table__)
-_NEW_WINDOW = _BUDGETS.c.window_start < bindparam("cutoff")
-# One guarded upsert per decryption: a new window starts at 1, else the count goes up while it
-# is below the budget; no row comes back when the budget is spent, so parallel requests cannot
-# exceed it.
-_SPEND = {
-    name: dialect.insert(_BUDGETS)
-    .values(
-        credential_id=bindparam("credential_id"),
-        family_id=bindparam("family_id"),
-        window_start=bindparam("now"),
-        used=1,
-    )
-    .on_conflict_do_update(
-        index_elements=[_BUDGETS.c.credential_id, _BUDGETS.c.family_id],
-        set_={
-            "used": case((_NEW_WINDOW, 1), else_=_BUDGETS.c.used + 1),
-            "window_start": case((_NEW_WINDOW, bindparam("now")), else_=_BUDGETS.c.window_start),
-        },
-        where=or_(_NEW_WINDOW, _BUDGETS.c.used < bindparam("budget")),
-    )
-    .returning(_BUDGETS.c.used)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
-_FORGET = delete(_BUDGETS).where(_BUDGETS.c.window_start < bindparam("cutoff"))
+_DECRYPTIONS = WindowedBudget(DecryptBudget, ("credential_id", "family_id"), "used")
 
 
 def spend_decryption(session: Session, policy: Policy, cred: KeyUse, family_id: int) -> None:
@@ -216,16 +191,10 @@ def spend_decryption(session: Session, policy: Policy, cred: KeyUse, family_id: 
     :raises DecryptionBudgetExhausted: ``policy.decrypt_budget`` decryptions already in the
         window (the error commits, so the refusal's audit record stays).
     """
-    run = runner(session)
-    now = utcnow()
-    cutoff = now - timedelta(seconds=policy.decrypt_window)
-    statement = _SPEND[session.get_bind().dialect.name]
-    params = {"credential_id": cred.id, "family_id": family_id, "now": now, "cutoff": cutoff,
-              "budget": policy.decrypt_budget}  # fmt: skip
-    if not run(statement, params):
+    key = {"credential_id": cred.id, "family_id": family_id}
+    window = timedelta(seconds=policy.decrypt_window)
+    if not _DECRYPTIONS.spend(session, key, policy.decrypt_budget, window):
         raise DecryptionBudgetExhausted(
             f"this key did {policy.decrypt_budget} decryptions for this login within "
             f"{policy.decrypt_window} s; try again later"
         ).recorded()
-    if random.random() < 1 / 256:  # noqa: S311 -- housekeeping, not security
-        run(_FORGET, {"cutoff": cutoff})

@@ -21,40 +21,22 @@ the client address (PROXY protocol, or TLS passthrough).
 from __future__ import annotations
 
 import hashlib
-import random
 from datetime import datetime, timedelta
 from typing import Final, cast
 
-from sqlalchemy import Table, and_, bindparam, case, delete, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, and_, bindparam, delete, or_, select
 from sqlalchemy.orm import Session
 
 from server.config import Policy
 from server.db import runner
 from server.models import LoginFailures, utcnow
+from server.services.budgets import WindowedBudget
 
 ADDRESS: Final = "address"
 NAME: Final = "name"
 
 _T = cast(Table, LoginFailures.__table__)
-_NEW_WINDOW = _T.c.window_start < bindparam("cutoff")
-# A guarded upsert per counter: a new window starts at 1, else the count goes up while below
-# the budget; no row comes back when the budget is spent (parallel guesses cannot exceed it).
-_COUNT = {
-    name: dialect.insert(_T)
-    .values(scope=bindparam("scope"), key=bindparam("key"), failures=1,
-            window_start=bindparam("now"))  # fmt: skip
-    .on_conflict_do_update(
-        index_elements=[_T.c.scope, _T.c.key],
-        set_={
-            "failures": case((_NEW_WINDOW, 1), else_=_T.c.failures + 1),
-            "window_start": case((_NEW_WINDOW, bindparam("now")), else_=_T.c.window_start),
-        },
-        where=or_(_NEW_WINDOW, _T.c.failures < bindparam("budget")),
-    )
-    .returning(_T.c.failures)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
+_FAILURES = WindowedBudget(LoginFailures, ("scope", "key"), "failures")
 _SPENT = select(_T.c.scope).where(
     or_(
         and_(_T.c.scope == ADDRESS, _T.c.key == bindparam("address"),
@@ -64,7 +46,6 @@ _SPENT = select(_T.c.scope).where(
     ),
     _T.c.window_start >= bindparam("cutoff"),
 )  # fmt: skip
-_FORGET = delete(_T).where(_T.c.window_start < bindparam("cutoff"))
 
 
 def name_digest(key: str) -> str:
@@ -95,20 +76,14 @@ def count_failure(session: Session, policy: Policy, address: str, key: str) -> b
     """Count a failed login against the address and the name, in the caller's transaction;
     False when a budget was spent already (the caller answers 429). Now and then the expired
     windows are forgotten."""
-    run = runner(session)
-    now = utcnow()
-    cutoff = _cutoff(policy, now)
-    statement = _COUNT[session.get_bind().dialect.name]
+    window = timedelta(seconds=policy.login_window)
     counted = True
     for scope, counter_key, budget in (
         (ADDRESS, address, policy.login_address_failures),
         (NAME, name_digest(key), policy.login_name_failures),
     ):
-        params = {"scope": scope, "key": counter_key, "now": now, "cutoff": cutoff,
-                  "budget": budget}  # fmt: skip
-        counted = bool(run(statement, params)) and counted
-    if random.random() < 1 / 256:  # noqa: S311 -- housekeeping, not security
-        run(_FORGET, {"cutoff": cutoff})
+        counted = _FAILURES.spend(session, {"scope": scope, "key": counter_key}, budget,
+                                  window) and counted  # fmt: skip
     return counted
 
 

@@ -152,15 +152,14 @@ def issue_pair(
 def require_device(session: Session, user: User, jkt: str) -> Device:
     """The user's enrolled, unrevoked device whose key has the thumbprint ``jkt``.
 
-    :raises Forbidden: no such device of this user.
+    :raises Forbidden: no such device of this user, or it was revoked (its key's holder
+        learns that, and nobody else: the request proves possession of the key).
     """
-    device = session.scalar(
-        select(Device).where(
-            Device.jkt == jkt, Device.user_id == user.id, Device.revoked.is_(False)
-        )
-    )
+    device = session.scalar(select(Device).where(Device.jkt == jkt, Device.user_id == user.id))
     if device is None:
         raise Forbidden("the DPoP key is not an enrolled device of this user")
+    if device.revoked:
+        raise Forbidden("this device was revoked (admin revoke); enroll it again")
     return device
 
 

@@ -173,9 +173,11 @@ def test_control_channel_round_trip_permissions_and_stale_sockets(tmp_path: Path
     finally:
         server.close()
     assert not path.exists()
-    with pytest.raises(control.ControlError, match="no card is running"):
+    with pytest.raises(control.CardNotRunning, match="no card is running"):
         control.request(path, "ping")
     with socket.socket(socket.AF_UNIX) as stale:  # a socket left by a crashed card
         stale.bind(str(path))
+    with pytest.raises(control.CardNotRunning, match="nothing listens"):
+        control.request(path, "ping")
     replaced = control.ControlServer(path, handle)
     replaced.close()

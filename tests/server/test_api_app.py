@@ -8,14 +8,18 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from typing import Annotated
 
 import pytest
 from apikit import Api, api_db_url_fixture, api_fixture  # noqa: F401
+from fastapi import Depends
 from fastapi.testclient import TestClient
 
 from server.api.limits import MAX_BODY
+from server.api.pipeline import APIRouter, UserDep
 from server.app import create_app
 from server.db import make_engine, session_factory
+from server.services.tokens import Principal
 
 
 def test_openapi_documents_every_api_and_only_400_for_bad_input(api: Api) -> None:
@@ -165,7 +169,7 @@ def protected_operations(api: Api) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-a-token"},
                                      {"Authorization": "DPoP not-a-token"},
                                      {"Authorization": "Basic dTpw"}])
-def test_every_protected_route_answers_401_before_reading_the_body(
+def test_every_protected_route_answers_401_whatever_the_body(
     api: Api, headers: dict[str, str]
 ) -> None:
     for method, path in protected_operations(api):
@@ -177,6 +181,55 @@ def test_every_protected_route_answers_401_before_reading_the_body(
         assert r.json()["error"] == "unauthorized", (method, path, r.text)
         assert "Bearer" in r.headers["WWW-Authenticate"]
         assert "DPoP" in r.headers["WWW-Authenticate"]
+
+
+def test_a_bad_body_is_answered_in_pipeline_order(api: Api) -> None:
+    """Validation runs before the hand-off to the thread pool, its answer after authentication
+    and authorization: 401, then 403, then 400, and only then the endpoint."""
+    broken = {"content": b'{"broken', "headers": {"Content-Type": "application/json"}}
+    user = api.user(prefix="order")
+    csc = api.csc_login(user)
+    piv = api.login(user)
+    sign_hash = "/csc/v2/signatures/signHash"
+    r = api.client.post(sign_hash, **broken)  # type: ignore[arg-type]
+    assert r.status_code == 401
+    r = api.client.post(sign_hash, content=b'{"broken', headers={
+        **api.admin, "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+    r = api.client.post(sign_hash, content=b'{"broken', headers={
+        **csc, "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    # A PIV route: a password-only CSC session is the wrong kind, a device session is let in.
+    r = api.client.post("/api/v1/pin/verify", content=b'{"broken', headers={
+        **csc, "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]) == (403, "forbidden")
+    r = api.client.post("/api/v1/pin/verify", auth=piv, **broken)  # type: ignore[arg-type]
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+async def _name_of(user: UserDep) -> str:
+    return user.name
+
+
+def test_a_protected_endpoint_must_be_sync_and_take_its_principal_itself() -> None:
+    """The pipeline authenticates in the endpoint's worker thread: an async endpoint, or a
+    principal solved inside another dependency (before authentication), is refused at import."""
+    router = APIRouter()
+
+    async def asynchronous(user: UserDep) -> None: ...
+
+    with pytest.raises(TypeError, match="sync"):
+        router.add_api_route("/a", asynchronous)
+
+    def nested(name: Annotated[str, Depends(_name_of)]) -> None: ...
+
+    with pytest.raises(TypeError, match="principal"):
+        router.add_api_route("/b", nested)
+
+    def fine(user: UserDep) -> Principal:
+        return user
+
+    router.add_api_route("/c", fine)
 
 
 def test_public_routes_are_exactly_these(api: Api) -> None:
@@ -191,6 +244,7 @@ def test_public_routes_are_exactly_these(api: Api) -> None:
         ("POST", "/csc/v1/info"), ("POST", "/csc/v2/info"), ("GET", "/healthz"), ("GET", "/readyz"),
         ("POST", "/api/v1/auth/login"), ("POST", "/api/v1/auth/refresh"),
         ("POST", "/api/v1/devices/enroll"), ("GET", "/api/v1/ca"),
+        ("POST", "/tsa"), ("GET", "/crl"), ("GET", "/ca.crt"),
     }
     with_password = {(m.upper(), p) for p, item in doc["paths"].items()
                      for m, op in item.items()

@@ -514,6 +514,19 @@ def test_a_replayed_or_misbound_proof_is_refused(api: Api, ec_user: Enrolled) ->
     error(send(*two), 401, "invalid_dpop_proof")  # exactly one proof
 
 
+def test_a_proof_stays_spent_when_its_request_fails(api: Api, ec_user: Enrolled) -> None:
+    # The endpoint's unit of work rolls back (an unknown credential), the proof's record not:
+    # whoever captured the request cannot replay it once the state has changed.
+    assert ec_user.auth is not None and ec_user.auth.token is not None
+    token, key = ec_user.auth.token, ec_user.device
+    path = "/api/v1/credentials/no-such-credential/ecdsa"
+    proof = key.proof("POST", f"{api.client.base_url}{path}", access_token=token)
+    headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+    body = {"digest": base64.b64encode(bytes(32)).decode()}
+    error(api.client.post(path, json=body, headers=headers), 404, "not_found")
+    error(api.client.post(path, json=body, headers=headers), 401, "invalid_dpop_proof")
+
+
 def test_a_revoked_device_loses_its_session(api: Api) -> None:
     user = api.user(alg="p256")
     auth = api.login(user)
@@ -521,7 +534,9 @@ def test_a_revoked_device_loses_its_session(api: Api) -> None:
     assert api.client.post(f"/api/v1/admin/users/{user.name}/revoke",
                            headers=api.admin).status_code == 200
     error(api.client.get("/api/v1/pin/status", auth=auth), 401, "unauthorized")
-    error(login_as(api, user, user.otp()), 403, "forbidden")
+    refused = login_as(api, user, user.otp())
+    error(refused, 403, "forbidden")
+    assert "this device was revoked" in refused.json()["error_description"]
 
 
 def test_every_key_use_is_audited(api: Api) -> None:

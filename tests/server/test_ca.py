@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server import ca
@@ -27,6 +27,9 @@ from server.hsm.keys import (
 )
 
 pytestmark = pytest.mark.hsm
+
+
+BASE = "https://pki.example.test:8443"
 
 
 def _label(prefix: str) -> str:
@@ -103,7 +106,8 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
     pub = hsm.public_key(user_keys[KeyAlg.P256])
     certs = {
         slot: ca.issue_slot_cert(hsm, ca_ref, ca_cert, slot, pub, "alice",
-                                 email="alice@example.org", upn="alice@corp.example")
+                                 email="alice@example.org", upn="alice@corp.example",
+                                 base_url=BASE)
         for slot in ca.SLOTS
     }
     for cert in certs.values():
@@ -111,6 +115,7 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
         assert cert.public_key() == pub
         assert cert.subject.rfc4514_string() == "CN=alice"
         assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        assert _published_at(cert) == (f"{BASE}/crl", f"{BASE}/ca.crt")
 
     def ext(slot: str, cls: type[x509.ExtensionType]) -> x509.ExtensionType:
         return certs[slot].extensions.get_extension_for_class(cls).value
@@ -147,13 +152,57 @@ def test_slot_certificates_carry_their_profiles_and_chain_to_the_ca(
     assert verified.chain[-1] == ca_cert
 
 
+def _published_at(cert: x509.Certificate) -> tuple[str, str]:
+    """The CRL distribution point and the caIssuers URL a certificate names."""
+    (point,) = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert point.full_name is not None
+    (crl,) = point.full_name
+    (issuers,) = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    assert issuers.access_method == AuthorityInformationAccessOID.CA_ISSUERS
+    return crl.value, issuers.access_location.value
+
+
+def test_tsa_certificate_is_for_time_stamping_only_and_never_outlives_the_ca(
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate], user_keys: dict[KeyAlg, KeyRef]
+) -> None:
+    ca_ref, ca_cert = ca_pair
+    pub = hsm.public_key(user_keys[KeyAlg.P256])
+    cert = ca.issue_tsa_cert(hsm, ca_ref, ca_cert, pub, base_url=BASE)
+    cert.verify_directly_issued_by(ca_cert)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not (ku.content_commitment or ku.key_cert_sign)
+    assert cert.not_valid_after_utc == ca_cert.not_valid_after_utc  # capped at the CA's end
+    assert _published_at(cert) == (f"{BASE}/crl", f"{BASE}/ca.crt")
+
+
+def test_crl_lists_the_revoked_serials_and_is_signed_by_the_ca(
+    hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
+) -> None:
+    ca_ref, ca_cert = ca_pair
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    revoked = [(11, now - dt.timedelta(days=1)), (12, now)]
+    crl = ca.build_crl(hsm, ca_ref, ca_cert, number=7, revoked=revoked, this_update=now,
+                       next_update=now + dt.timedelta(days=7))  # fmt: skip
+    assert crl.is_signature_valid(ca_cert.public_key())
+    assert crl.issuer == ca_cert.subject
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert [(r.serial_number, r.revocation_date_utc) for r in crl] == revoked
+    assert crl.next_update_utc == now + dt.timedelta(days=7)
+
+
 def test_rsa_key_management_cert_uses_key_encipherment(
     hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate],
     user_keys: dict[KeyAlg, KeyRef],
 ) -> None:
     ca_ref, ca_cert = ca_pair
     pub = hsm.public_key(user_keys[KeyAlg.RSA2048])
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9D", pub, "bob", email="bob@example.org")
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9D", pub, "bob", email="bob@example.org",
+                              base_url=BASE)
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.key_encipherment and not ku.key_agreement
     cert.verify_directly_issued_by(ca_cert)
@@ -166,10 +215,10 @@ def test_slot_cert_refuses_bad_slot_and_ed25519_key_management(
     ca_ref, ca_cert = ca_pair
     ed_pub = hsm.public_key(user_keys[KeyAlg.ED25519])
     with pytest.raises(InvalidRequest):
-        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9d", ed_pub, "carol")
+        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9d", ed_pub, "carol", base_url=BASE)
     with pytest.raises(InvalidRequest):
-        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "82", ed_pub, "carol")
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9c", ed_pub, "carol")
+        ca.issue_slot_cert(hsm, ca_ref, ca_cert, "82", ed_pub, "carol", base_url=BASE)
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9c", ed_pub, "carol", base_url=BASE)
     cert.verify_directly_issued_by(ca_cert)
 
 
@@ -177,7 +226,8 @@ def test_tls_certificate_validates_as_a_server(
     hsm: Hsm, ca_pair: tuple[KeyRef, x509.Certificate]
 ) -> None:
     ca_ref, ca_cert = ca_pair
-    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, ["localhost", "127.0.0.1"])
+    cert, key_pem = ca.issue_tls_cert(hsm, ca_ref, ca_cert, ["localhost", "127.0.0.1"],
+                                       base_url=BASE)
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert key.public_key() == cert.public_key()
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -187,7 +237,7 @@ def test_tls_certificate_validates_as_a_server(
     for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
         PolicyBuilder().store(store).build_server_verifier(name).verify(cert, [])
     with pytest.raises(InvalidRequest):
-        ca.issue_tls_cert(hsm, ca_ref, ca_cert, [])
+        ca.issue_tls_cert(hsm, ca_ref, ca_cert, [], base_url=BASE)
 
 
 @pytest.mark.parametrize("alg", [KeyAlg.P256, KeyAlg.RSA2048, KeyAlg.ED25519])
@@ -207,7 +257,7 @@ def test_cert_match_check_refuses_a_foreign_certificate(
 ) -> None:
     ca_ref, ca_cert = ca_pair
     pub = hsm.public_key(user_keys[KeyAlg.P256])
-    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9a", pub, "erin")
+    cert = ca.issue_slot_cert(hsm, ca_ref, ca_cert, "9a", pub, "erin", base_url=BASE)
     ca.check_cert_matches(cert, pub)
     with pytest.raises(InvalidRequest, match="does not match"):
         ca.check_cert_matches(cert, hsm.public_key(user_keys[KeyAlg.RSA2048]))

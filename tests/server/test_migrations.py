@@ -4,6 +4,8 @@ models exactly."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from alembic import command
 from sqlalchemy import inspect, text
 
@@ -82,5 +84,41 @@ def test_the_upgrade_gives_existing_tokens_their_refresh_tokens_family(db_url: s
         with engine.connect() as c:
             rows = c.execute(text("SELECT id, family_id FROM auth_tokens ORDER BY id")).all()
         assert [tuple(r) for r in rows] == [(10, 10), (11, 10), (12, 10), (13, None)]
+    finally:
+        engine.dispose()
+
+
+def test_the_upgrade_from_a_deployment_database_dates_revoked_credentials(db_url: str) -> None:
+    """0009 on a database at 0008 (several nodes, no timestamps yet): the deployment row keeps
+    its CA and gets no TSA (``server init`` makes one, with the HSM), a credential revoked
+    before gets the upgrade's time as its revocation time (its CRL entry), an active one none."""
+    command.downgrade(alembic_config(db_url), "0008")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO users (id, name, name_key, disabled, created_at, "
+                           "pin_retries, puk_retries, otp_failures) VALUES (1, 'old', 'old', "
+                           "false, '2025-01-01 00:00:00', 0, 0, 0)"))
+            for cred_id, status in (("c-revoked", "revoked"), ("c-active", "active")):
+                c.execute(text("INSERT INTO credentials (id, user_id, slot, alg, key_id, status, "
+                               "otp_per_signature, pin_always, created_at) VALUES (:id, 1, '9c', "
+                               "'p256', :id, :status, false, false, '2025-01-01 00:00:00')"),
+                          {"id": cred_id, "status": status})
+            c.execute(text("INSERT INTO deployment (id, ca_key_id, ca_key_alg, ca_cert_pem, "
+                           "token_label, created_at) VALUES (1, 'ab', 'p256', 'PEM', 'tok', "
+                           "'2025-01-01 00:00:00')"))
+        before = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+        migrate(db_url)
+        with engine.connect() as c:
+            rows = dict(c.execute(text("SELECT id, revoked_at FROM credentials")).all())
+            deployment = c.execute(text("SELECT ca_key_id, tsa_key_id, tsa_cert_pem "
+                                        "FROM deployment")).one()
+            assert c.execute(text("SELECT count(*) FROM revocation_list")).scalar() == 0
+        assert rows["c-active"] is None
+        revoked_at = rows["c-revoked"]
+        revoked_at = (datetime.fromisoformat(revoked_at) if isinstance(revoked_at, str)
+                      else revoked_at)  # fmt: skip
+        assert before <= revoked_at <= datetime.now(UTC).replace(tzinfo=None)
+        assert tuple(deployment) == ("ab", None, None)
     finally:
         engine.dispose()

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import update
 
 from server.config import Settings
 from server.db import make_engine, migrate, session_factory, unit_of_work
 from server.hsm.secrets import ServerKeys
 from server.hsm.softhsm import SOFTHSM_MODULE
-from server.services import tokens
+from server.models import Deployment
+from server.services import deployment, tokens
 
 SECRETS = ("hsm-pin", "hsm-so-pin", "admin-token", "tls/server.key", "server.json")
 
@@ -274,10 +277,12 @@ with token.open(rw=True, user_pin=settings.hsm_pin()) as s:
 import pkcs11
 from server.hsm.secrets import KEYS
 from server.models import User
-from server.services import otp
+from server.services import deployment, otp
 keys = ServerKeys.load(hsm)
 with session_factory(engine, keys)() as s:
     assert audit.verify(s) is None
+    row = deployment.find(s)  # the deployment, recorded again, got a TSA
+    assert row is not None and row.tsa_key_id and row.tsa_cert_pem
     user = s.get(User, 5)
     assert otp.open_seed(keys, 5, user.otp_seed) == 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP'
 hsm.close()
@@ -289,3 +294,58 @@ with token.open(user_pin=settings.hsm_pin()) as s:
 print("upgraded")
 """)
     assert checked == "upgraded\n"
+
+
+@pytest.mark.hsm
+def test_init_gives_the_deployment_a_tsa_and_an_upgrade_gets_one(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    init(data, "public_url='https://sign.example.org:9443'")
+    settings = Settings.load(data)
+    ca_cert = x509.load_pem_x509_certificate((data / "ca.pem").read_bytes())
+    engine = make_engine(settings.db_url)
+    try:
+        with session_factory(engine)() as s:
+            row = deployment.find(s)
+            assert row is not None and row.tsa_key_id and row.tsa_cert_pem
+            first = row.tsa_key_id
+            tsa_cert = x509.load_pem_x509_certificate(row.tsa_cert_pem.encode())
+        tsa_cert.verify_directly_issued_by(ca_cert)
+        eku = tsa_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.TIME_STAMPING]
+        # Issued certificates name the CRL and the CA certificate under the public URL.
+        tls = x509.load_pem_x509_certificate((data / "tls/server.pem").read_bytes())
+        for cert in (tsa_cert, tls):
+            (point,) = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+            assert [n.value for n in point.full_name or []] == ["https://sign.example.org:9443/crl"]
+
+        init(data)  # re-run: the TSA is kept
+        with session_factory(engine)() as s:
+            assert (row := deployment.find(s)) is not None and row.tsa_key_id == first
+
+        # A deployment set up before timestamps existed gets its TSA from the upgrade.
+        with unit_of_work(session_factory(engine)()) as s:
+            s.execute(update(Deployment).values(tsa_key_id=None, tsa_key_alg=None,
+                                                tsa_cert_pem=None))  # fmt: skip
+        init(data)
+        with session_factory(engine)() as s:
+            row = deployment.find(s)
+            assert row is not None and row.tsa_key_id not in (None, first)
+    finally:
+        engine.dispose()
+    # Both TSA keys were audited, MACed with the server's HSM audit key like every record.
+    checked = in_data_dir(data, """
+with session_factory(engine, ServerKeys.load(hsm))() as s:
+    assert audit.verify(s) is None
+    print([r["event"] for r in audit.export(s)].count("tsa.key"))
+""")
+    assert checked == "2\n"
+
+
+def test_the_base_url_is_the_public_url_else_the_bind_address(tmp_path: Path) -> None:
+    assert Settings.for_data_dir(tmp_path).base_url == "https://127.0.0.1:8443"
+    assert Settings.for_data_dir(tmp_path, bind="0.0.0.0:9000").base_url == (  # noqa: S104
+        "https://127.0.0.1:9000"
+    )
+    assert Settings.for_data_dir(tmp_path, bind="[::]:9000").base_url == "https://[::1]:9000"
+    public = Settings.for_data_dir(tmp_path, public_url="https://lb.example/")
+    assert public.base_url == "https://lb.example"

@@ -66,16 +66,22 @@ class RemoteCard:
                 "CARDBRIDGE_CONFIG": str(self.path)}  # fmt: skip
 
     def cli(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``cardbridge ARGS`` as this workstation's user (its config and runtime dirs)."""
+        """``cardbridge ARGS`` as this workstation's user (its config and runtime dirs), with
+        ``env`` added to the environment."""
         proc = subprocess.run(
             [CARDBRIDGE, *args],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=self.run_env(),
+            env={**self.run_env(), **(env or {})},
             check=False,
         )
         if check and proc.returncode != 0:
@@ -89,9 +95,37 @@ class RemoteCard:
         return self.cli("card", "login", "--password-stdin", "--otp", self.otp(),
                         input=PASSWORD + "\n", check=check)  # fmt: skip
 
+    def pin_file(self) -> Path:
+        """A file that holds this user's PIN (for ``--pin-file``)."""
+        pin = self.path.parent / "pin"
+        pin.write_text(self.pin + "\n")
+        return pin
+
+    def sign_process(
+        self, *args: str, otp: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``cardbridge sign ARGS`` with this user's PIN (``--pin-file``), a fresh TOTP (unless
+        not ``otp``) and, for a login of its own, the password on stdin; whatever its exit."""
+        secrets = ["--pin-file", str(self.pin_file()), "--password-stdin"]
+        secrets += ["--otp", self.otp()] if otp else []
+        return self.cli("sign", *args, *secrets, input=PASSWORD + "\n", check=False, env=env)
+
+    def sign(self, *args: str, ok: bool = True) -> dict[str, Any]:
+        """:meth:`sign_process` with ``--json``: its report; it exits 0 exactly when ``ok``."""
+        proc = self.sign_process(*args, "--json")
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+        report: dict[str, Any] = json.loads(proc.stdout)
+        return report
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.cli("card", "status", "--json").stdout)
         return result
+
+
+def signed_outputs(report: dict[str, Any]) -> list[Path]:
+    """The outputs of a ``cardbridge sign --json`` report in which every file was signed."""
+    assert all(r["ok"] for r in report["results"]), report
+    return [Path(r["output"]) for r in report["results"]]
 
 
 def enroll_card(

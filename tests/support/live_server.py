@@ -15,7 +15,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 import pyotp
+from cryptography import x509
 
 CARDBRIDGE = str(Path(sys.executable).with_name("cardbridge"))
 START_TIMEOUT = 60.0
@@ -112,6 +114,16 @@ class LiveServer:
         """``cardbridge admin --data DIR ARGS --json``, parsed."""
         return json.loads(self.admin(*args, "--json", input=input).stdout)
 
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit log's records, oldest first (``admin audit export``)."""
+        records: list[dict[str, Any]] = self.admin_json("audit", "export")
+        return records
+
+    @property
+    def ca(self) -> x509.Certificate:
+        """The deployment's CA certificate (``DIR/ca.pem``)."""
+        return x509.load_pem_x509_certificate((self.data / "ca.pem").read_bytes())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -171,6 +183,22 @@ def start_server(
         time.sleep(0.2)
     server.stop()
     raise AssertionError(f"server not healthy after {START_TIMEOUT}s ({last}):\n{server.log()}")
+
+
+@contextmanager
+def running_server(data: Path, **policy: object) -> Iterator[LiveServer]:
+    """``server init`` in ``data``, the policy changed by ``policy``, and ``server run`` until
+    the block ends; the server must then stop cleanly (exit status 0)."""
+    init_data_dir(data)
+    if policy:
+        set_policy(data, **policy)
+    server = start_server(data)
+    try:
+        yield server
+    except BaseException:
+        server.stop()
+        raise
+    assert server.stop() == 0, server.log()
 
 
 def enroll_user(

@@ -169,15 +169,17 @@ class CardSlot:
 
 def run(
     *args: str | Path, ok: bool = True, input: bytes | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, cwd: Path | None = None,
 ) -> str:
-    """Run a client tool; returns stdout+stderr, failing the test on an unexpected exit code."""
+    """Run a client tool (in ``cwd``); returns stdout+stderr, failing the test on an unexpected
+    exit code."""
     proc = subprocess.run(
         [str(a) for a in args],
         capture_output=True,
         input=input,
         timeout=120,
         env={**os.environ, **(env or {}), "LC_ALL": "C"},
+        cwd=cwd,
     )
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     if ok and proc.returncode != 0:
