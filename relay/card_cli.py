@@ -42,16 +42,6 @@ app = typer.Typer(help="Enroll, run and use the virtual PIV card.", no_args_is_h
 
 logger = logging.getLogger(__name__)
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        metavar="DIR",
-        envvar=cfg.CONFIG_ENV,
-        help="The card's configuration directory (default: the user's config directory).",
-        file_okay=False,
-    ),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -147,7 +137,7 @@ def enroll(
     code: Annotated[
         str, typer.Option("--code", help="The enrollment code `cardbridge admin enroll` printed.")
     ],
-    config: ConfigOpt = None,
+    config: cfg.ConfigOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a card already enrolled here.")
     ] = False,
@@ -195,7 +185,7 @@ def run(
         Path | None,
         typer.Option(metavar="DIR", help="Run a standalone software card made by init-soft."),
     ] = None,
-    config: ConfigOpt = None,
+    config: cfg.ConfigOption = None,
     vpcd: Annotated[
         str, typer.Option(metavar="HOST:PORT", help="vpcd's address.")
     ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",

@@ -20,9 +20,10 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import platformdirs
+import typer
 
 from relay.dpop import DeviceKey
 
@@ -34,6 +35,19 @@ DEVICE_KEY_FILE: Final = "device-key.pem"
 CONTROL_SOCKET: Final = "control.sock"
 FORMAT: Final = "cardbridge-remote-card"
 FORMAT_VERSION: Final = 1
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="DIR",
+        envvar=CONFIG_ENV,
+        help="The card's configuration directory (default: the user's config directory).",
+        file_okay=False,
+    ),
+]
+"""``--config DIR``, for every command that reads the stored configuration."""
 
 
 class NotEnrolled(FileNotFoundError):
@@ -71,10 +85,11 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary sibling, synced, then renamed), with
+    ``mode`` (0600 unless the caller publishes the file, as a signed document is)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -167,10 +182,10 @@ class Enrolled:
     def save(self) -> None:
         """Write both files (device key first: a card.json never names a missing key)."""
         private_dir(self.directory)
-        write_private(self.directory / DEVICE_KEY_FILE, self.device.private_pem())
+        write_atomic(self.directory / DEVICE_KEY_FILE, self.device.private_pem())
         self.save_config()
 
     def save_config(self) -> None:
         """Write ``card.json`` alone (the management key changed)."""
         data = json.dumps(self.config.as_dict(), indent=2, sort_keys=True) + "\n"
-        write_private(self.directory / CARD_FILE, data.encode())
+        write_atomic(self.directory / CARD_FILE, data.encode())

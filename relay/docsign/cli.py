@@ -19,7 +19,6 @@ import asyncio
 import getpass
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -158,18 +157,10 @@ def _read(job: Job, fmt: Format, packaging: str) -> None:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically: a temporary sibling, then a rename."""
+    """Write a signed document atomically, readable as its input's directory allows (0666 less
+    the umask, as any program writes a document)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    cfg.write_atomic(path, data, 0o666)
 
 
 def _secret_line(path: Path, what: str) -> str:
@@ -335,16 +326,7 @@ def sign(
     otp: Annotated[
         str | None, typer.Option("--otp", help="A fresh one-time password (TOTP).")
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            metavar="DIR",
-            envvar=cfg.CONFIG_ENV,
-            help="The card's configuration directory (default: the user's config directory).",
-            file_okay=False,
-        ),
-    ] = None,
+    config: cfg.ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Sign IN... with the enrolled user's 9C key (the PIN, and a fresh TOTP where the

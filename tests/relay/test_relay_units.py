@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from relay import control
 from relay.backend import Approvals, _describe_block, card_error
 from relay.client import ServerRefused, _server_timing
-from relay.config import CardConfig, CredentialInfo, write_private
+from relay.config import CardConfig, CredentialInfo, write_atomic
 from relay.dpop import DeviceKey
 from relay.enroll import EnrollmentRefused, parse_code
 from vcard.constants import SW
@@ -139,7 +139,7 @@ def test_configuration_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="malformed"):
         CardConfig.from_dict({"format": "cardbridge-remote-card", "version": 1})
     target = tmp_path / "secret"
-    write_private(target, b"x")
+    write_atomic(target, b"x")
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
 
