@@ -46,7 +46,7 @@ def test_the_upgrade_keys_names_case_insensitively_and_disables_lookalikes(db_ur
     """Finding 11's migration: before it, ALICE and alice could both exist. The first keeps the
     name; the later one is disabled, its key suffixed, so the unique key can hold."""
     cfg = alembic_config(db_url)
-    command.downgrade(cfg, "0006")
+    command.downgrade(cfg, "0007")
     engine = make_engine(db_url)
     try:
         with engine.begin() as c:
@@ -66,7 +66,7 @@ def test_the_upgrade_keys_names_case_insensitively_and_disables_lookalikes(db_ur
 def test_the_upgrade_gives_existing_tokens_their_refresh_tokens_family(db_url: str) -> None:
     """Finding 9's migration: a refresh token issued before is its own family's root; its
     access tokens and PIN marks join it, so a reuse (or a logout) revokes them together."""
-    command.downgrade(alembic_config(db_url), "0004")
+    command.downgrade(alembic_config(db_url), "0005")
     engine = make_engine(db_url)
     try:
         with engine.begin() as c:
@@ -122,3 +122,18 @@ def test_the_upgrade_from_a_deployment_database_dates_revoked_credentials(db_url
         assert tuple(deployment) == ("ab", None, None)
     finally:
         engine.dispose()
+
+
+def test_a_database_of_the_released_schema_upgrades(db_url: str) -> None:
+    """Revision ids keep the meaning they had when released: 0003 is the deployment table, so a
+    database stamped 0003 by the release before the hardening upgrades to the head."""
+    cfg = alembic_config(db_url)
+    command.downgrade(cfg, "0003")
+    engine = make_engine(db_url)
+    try:
+        assert "deployment" in inspect(engine).get_table_names()
+        assert "mac" not in {c["name"] for c in inspect(engine).get_columns("audit_log")}
+    finally:
+        engine.dispose()
+    migrate(db_url)
+    command.check(cfg)

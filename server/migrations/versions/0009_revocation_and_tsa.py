@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Revocation data and timestamps for long-term signatures: the revocation time of each
 credential (its certificate's entry on the CRL), the CA's current CRL, the time-stamping
-authority's key and certificate in the deployment record (0008's ``deployment`` table), and
+authority's key and certificate in the deployment record (0003's ``deployment`` table), and
 the per-address budgets of ``/tsa`` requests.
 
 The TSA itself is created by ``server init`` (it needs the HSM), on a new data directory or

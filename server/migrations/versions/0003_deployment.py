@@ -3,8 +3,8 @@
 node of the database shares, so that ``server join`` can add a node and ``server init`` refuses
 to create a second deployment on the same database.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

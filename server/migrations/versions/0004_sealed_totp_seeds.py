@@ -3,8 +3,8 @@
 are sealed and the clear column is dropped. Upgrading a database that holds seeds needs the
 HSM, so it runs through ``cardbridge server init``.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from alembic import op
 from server.db import migration_keys
 from server.services.otp import open_seed, seal_seed
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

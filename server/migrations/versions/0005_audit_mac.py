@@ -4,8 +4,8 @@ theirs here, after their chain is checked: a chain broken before the upgrade is 
 than anchored. Upgrading a database that holds records needs the HSM, so it runs through
 ``cardbridge server init``.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from alembic import op
 from server.db import migration_keys
 from server.services.audit import GENESIS_HASH, record_hash, record_mac
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -6,8 +6,8 @@ Users whose names differ only in case could be created before: the first keeps t
 later one is disabled and its key suffixed with ``~<id>`` (a warning names them), so an
 administrator can look at them before anyone logs in as the wrong one.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from alembic import op
 
 from server.services.users import name_key
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
