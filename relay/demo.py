@@ -435,10 +435,12 @@ def run_demo(out: Path | None) -> None:
         def audit() -> None:
             typer.echo("    " + demo.cli("admin", "--data", str(demo.data), "audit",
                                          "verify").strip())  # fmt: skip
-            records = json.loads(demo.cli("admin", "--data", str(demo.data), "audit", "export",
-                                          "--json", show=False))  # fmt: skip
-            signs = [r for r in records if r["event"] == "sign"]
-            typer.echo(f"    {len(signs)} signature in the log: {signs[-1]['details']}")
+            signs = json.loads(demo.cli("admin", "--data", str(demo.data), "audit", "export",
+                                        "--event", "sign", "--json", show=False))  # fmt: skip
+            last = signs[-1]["details"]
+            typer.echo(f"    {len(signs)} sign record; it names the key use ({last['op']}, slot "
+                       f"{last['slot'].upper()}), the digest {last['digest']}, node "
+                       f"{last['node']} and request {last['request']}")  # fmt: skip
 
         steps.run("Check the hash-chained audit log", audit)
         if out is not None:

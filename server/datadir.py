@@ -6,8 +6,8 @@ destroying anything.
 and refused on a database that already holds one. ``join`` adds a node to an existing
 deployment: the data directory of a node that reaches the same database and HSM token.
 
-Layout of DIR (dirs 0700, secrets 0600; a joined node has no admin token and no token of its
-own)::
+Layout of DIR (dirs 0700, secrets 0600; a joined node has no admin token and no HSM token of
+its own)::
 
     server.json        settings (server.config.Settings)
     cardbridge.db      SQLite database (unless --db names another)
@@ -279,7 +279,8 @@ def join_data_dir(
 ) -> Settings:
     """Add a node to the deployment recorded in ``db_url``: check that the token holds the
     deployment's CA key, then write DIR (settings with relative paths, the CA certificate, this
-    node's own TLS certificate issued by the CA). No token, CA or admin token is created.
+    node's own TLS certificate issued by the CA, its metrics token). No HSM token, CA or admin
+    token is created.
     Idempotent like :func:`init_data_dir`.
 
     :param token_label: the token's label; by default the deployment's.

@@ -3,8 +3,8 @@
 
 Secrets are never stored in clear: passwords, PINs and PUKs as argon2id hashes, tokens, SADs
 and enrollment codes as SHA-256 of their high-entropy value. The TOTP seed is the one secret the
-server must be able to read back (RFC 6238 needs it to compute codes): it is sealed with an AES
-key that never leaves the HSM.
+server must be able to read back (RFC 6238 needs it to compute codes): it is sealed with AES-GCM
+under a key derived for that value by the HSM's seal HMAC key, which never leaves the HSM.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class User(Base):
     puk_retries: Mapped[int] = mapped_column(Integer, default=0)
 
     otp_seed: Mapped[bytes | None] = mapped_column(LargeBinary(128))
-    """The TOTP seed, sealed with the HSM's AES key (:func:`server.services.otp.seal_seed`)."""
+    """The TOTP seed, sealed under a key the HSM derives for it
+    (:func:`server.services.otp.seal_seed`)."""
     otp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     otp_failures: Mapped[int] = mapped_column(Integer, default=0)
     otp_window_start: Mapped[datetime | None]

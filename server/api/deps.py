@@ -1,5 +1,6 @@
 """FastAPI dependencies as ``Annotated`` aliases: the request's database session, the HSM and
-the settings. The principals (who is calling) come from :mod:`server.api.pipeline`.
+the settings, and the client's address. The principals (who is calling) come from
+:mod:`server.api.pipeline`.
 
 All of them are ``async`` and do no I/O, so FastAPI solves them on the event loop without a
 thread-pool hand-off: the session connects on its first statement, which runs in the
@@ -68,7 +69,8 @@ def proof_key(session: Session, request: Request, *, required: bool) -> str | No
 
 
 def client_address(request: Request) -> str:
-    """The client's address for the login budgets: the TCP peer. ``server run`` trusts no
-    ``X-Forwarded-For`` (uvicorn ``proxy_headers=False``), so a client cannot choose it; behind
-    a load balancer it is the balancer's unless that keeps the client's (PROXY protocol)."""
+    """The client's address for the budgets per client (login, /tsa): the TCP peer.
+    ``server run`` trusts no ``X-Forwarded-For`` (uvicorn ``proxy_headers=False``), so a client
+    cannot choose it; behind a load balancer it is the balancer's unless that keeps the
+    client's (PROXY protocol)."""
     return request.client.host if request.client is not None else "unknown"

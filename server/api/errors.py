@@ -104,7 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        note_failure(request, "server_error", "database" if isinstance(exc, _DB_ERRORS) else None)
+        # Starlette answers with this from outside every middleware, Metrics included: what it
+        # counts is the 500 itself. Note a failure only where a handler inside calls it.
         log.error("unexpected error [request %s]", request_id(request), exc_info=exc)
         # This answer bypasses the RequestId middleware (Starlette sends it from outside).
         headers = {HEADER: request_id(request)}
@@ -112,6 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     def database_error(request: Request, exc: Exception) -> JSONResponse:
         if not db.unavailable(exc):
+            note_failure(request, "server_error", "database")
             return unexpected(request, exc)
         cause = str(getattr(exc, "orig", None) or exc).strip().partition("\n")[0]
         down = DatabaseUnavailable("The database is unavailable; retry later")

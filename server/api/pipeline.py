@@ -15,9 +15,9 @@ there, in this order:
 2. **Validate**: FastAPI read and parsed the body and solved the dependencies on the event loop
    (all of them ``async`` and I/O-free: the session dependency connects lazily) before the
    hand-off, so that one hand-off serves the whole request; nothing of them is used before
-   step 1 passed. A request that fails validation never reaches the thread pool: it is
-   authenticated (there) before its 400 is answered, so an unauthenticated caller gets 401
-   whatever it sent, and learns nothing of validation.
+   step 1 passed. The endpoint of a request that fails validation never runs: the route's
+   handler authenticates the request in the thread pool before its 400 is answered, so an
+   unauthenticated caller gets 401 whatever it sent, and learns nothing of validation.
 3. **Act**: the endpoint's unit of work ends once: committed when the endpoint returns, rolled
    back when it raises, except for errors that record an attempt (``ServerError.commit``: a
    wrong PIN, a wrong one-time password, a refused key use), whose counters and audit records
@@ -279,15 +279,15 @@ class PipelineRoute(APIRoute):
                 status_code=kwargs.get("status_code") or 200,
                 exclude_none=bool(kwargs.get("response_model_exclude_none")),
             )
-        super().__init__(path, endpoint, **kwargs)
-        steps.access = access_of(self.dependant)
-        steps.principal_params = _principal_params(self.dependant)
+        self._steps = steps
+        super().__init__(path, endpoint, **kwargs)  # calls get_route_handler, which fills steps
         if steps.access is not None and asyncio.iscoroutinefunction(endpoint):
             raise TypeError(f"{path}: a protected endpoint is a sync function")
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         validate_and_act = super().get_route_handler()
-        access = access_of(self.dependant)
+        self._steps.access = access = access_of(self.dependant)
+        self._steps.principal_params = _principal_params(self.dependant)
         if access is None:
             return validate_and_act
 

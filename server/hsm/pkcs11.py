@@ -86,8 +86,8 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 
 
 class SecretKind(Enum):
-    """The server's own symmetric keys (field-notes.md: both work in SoftHSM2 through
-    python-pkcs11 with ``SENSITIVE`` true and ``EXTRACTABLE`` false)."""
+    """The server's own symmetric keys (field-notes.md: an HMAC key works in SoftHSM2 and
+    through p11-kit with ``SENSITIVE`` true and ``EXTRACTABLE`` false)."""
 
     HMAC = (KeyType.GENERIC_SECRET, MechanismFlag.SIGN | MechanismFlag.VERIFY)
     """HMAC-SHA256 (CKM_SHA256_HMAC) with a 256-bit generic secret."""

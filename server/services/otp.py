@@ -9,8 +9,8 @@ requires ``otp_last_step < step``. (Wrong passwords have budgets of their own, p
 address and per name: :mod:`server.services.login_limits`.)
 
 The seed is the one secret the server must read back (RFC 6238 computes codes from it), so it
-is stored sealed with the HSM's AES key (``ServerKeys.seal``), bound to its user: a copy of
-the database, or a seed moved to another user, gives nothing.
+is stored sealed under a key the HSM derives for it (``ServerKeys.seal``), bound to its user: a
+copy of the database, or a seed moved to another user, gives nothing.
 """
 
 from __future__ import annotations

@@ -263,7 +263,6 @@ class _Token:
     id: int
     kind: str
     revoked: bool
-    expired: bool
     second_factor: bool
     jkt: str | None
     parent_id: int | None
@@ -286,7 +285,7 @@ def _lookup(session: Session, token: str) -> _Token | None:
     usable = not (revoked or expired or parent_revoked) and (
         kind == ADMIN or (user_id is not None and not disabled)
     )
-    return _Token(token_id, kind, bool(revoked), expired, bool(second_factor), jkt, parent_id,
+    return _Token(token_id, kind, bool(revoked), bool(second_factor), jkt, parent_id,
                   family_id or token_id, user_id, name or "", expires_at, usable)  # fmt: skip
 
 
