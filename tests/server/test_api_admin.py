@@ -211,20 +211,23 @@ def test_a_checkpoint_catches_a_cut_chain(api: Api) -> None:
         s.execute(text("UPDATE audit_head SET last_seq = :s, last_hash = :h"),
                   {"s": keep.seq, "h": keep.hash})
         s.commit()
-    assert api.client.get(verify, headers=api.admin).json()["ok"] is True  # MACs hold ...
-    body = api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()
-    assert body["ok"] is False and body["first_bad"] == keep.seq + 1, body  # ... the cut shows
-    forged = {**cp, "seq": keep.seq, "count": keep.seq, "hash": keep.hash}
-    body = api.client.post(verify, json={"checkpoints": [forged]}, headers=api.admin).json()
-    assert body["ok"] is False and "not signed" in body["reason"], body
-    error(api.client.post(verify, json={"checkpoints": [{**cp, "mac": "zz"}]},
-                          headers=api.admin), 400, "invalid_request")
-    with api.sessions() as s:  # put the tail back for the tests after this one
-        for row in tail:
-            columns = ", ".join(row.keys())
-            values = ", ".join(f":{k}" for k in row.keys())
-            s.execute(text(f"INSERT INTO audit_log ({columns}) VALUES ({values})"), dict(row))  # noqa: S608
-        s.execute(text("UPDATE audit_head SET last_seq = :s, last_hash = :h"),
-                  {"s": head[0], "h": head[1]})
-        s.commit()
+    try:
+        assert api.client.get(verify, headers=api.admin).json()["ok"] is True  # MACs hold ...
+        body = api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()
+        assert body["ok"] is False and body["first_bad"] == keep.seq + 1, body  # ... the cut
+        forged = {**cp, "seq": keep.seq, "count": keep.seq, "hash": keep.hash}
+        body = api.client.post(verify, json={"checkpoints": [forged]}, headers=api.admin).json()
+        assert body["ok"] is False and "not signed" in body["reason"], body
+        error(api.client.post(verify, json={"checkpoints": [{**cp, "mac": "zz"}]},
+                              headers=api.admin), 400, "invalid_request")
+    finally:
+        with api.sessions() as s:  # put the tail back for the tests after this one
+            for row in tail:
+                columns = ", ".join(row.keys())
+                values = ", ".join(f":{k}" for k in row.keys())
+                s.execute(text(f"INSERT INTO audit_log ({columns}) VALUES ({values})"),  # noqa: S608
+                          dict(row))
+            s.execute(text("UPDATE audit_head SET last_seq = :s, last_hash = :h"),
+                      {"s": head[0], "h": head[1]})
+            s.commit()
     assert api.client.post(verify, json={"checkpoints": [cp]}, headers=api.admin).json()["ok"]

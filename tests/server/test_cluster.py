@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from live_server import (
     free_port,
     set_policy,
     start_server,
+    wait_until,
 )
 from pgcluster import PgCluster
 from prometheus_client.parser import text_string_to_metric_families
@@ -179,14 +180,6 @@ def public_key(http: httpx.Client, headers: dict[str, str], cred: str) -> ec.Ell
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.1)
 
 
 def readiness(node: LiveServer) -> int:
@@ -443,7 +436,8 @@ def test_postgresql_restart_under_a_signing_loop(cluster: Cluster) -> None:
             lb.wait_for_log(f"{name} is DOWN", since=since)
         wait_until(lambda: sum(a.started > down_at and a.status == 503 for a in loops.answers)
                    >= 2, "the loop sees the outage")  # fmt: skip
-        assert backend_errors(cluster, "database") >= 2  # scraped while the database is down
+        # Scraped while the database is down; an answer is counted once sent, so poll.
+        wait_until(lambda: backend_errors(cluster, "database") >= 2, "the outage is counted")
         since = lb.log_size()
         cluster.pg.start_server()
         up_at = time.monotonic()
@@ -490,7 +484,8 @@ def test_network_hsm_restart_answers_503_then_recovers(cluster: Cluster) -> None
             assert_unavailable(sign_once(n))
         for node in cluster.nodes.values():
             assert_unavailable(node.http.get("/readyz"))
-        assert backend_errors(cluster, "hsm") - counted >= 4 + len(cluster.nodes)
+        wait_until(lambda: backend_errors(cluster, "hsm") - counted >= 4 + len(cluster.nodes),
+                   "every refusal is counted")  # each is counted once its answer is sent
     finally:
         cluster.hsm.start()
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from apikit import Api, api_db_url_fixture, api_fixture, assert_error, b64  # noqa: F401
 from fastapi.testclient import TestClient
-from live_server import ca_context, enroll_user, init_data_dir, start_server
+from live_server import ca_context, enroll_user, init_data_dir, start_server, wait_until
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from test_api_csc import authorize, sign
@@ -246,9 +246,15 @@ def test_workers_are_summed_in_one_scrape(tmp_path: Path) -> None:
             t.start()
         for t in threads:
             t.join()
-        # Each worker counted some of them in its own file...
+        # Each worker counted some of them in its own file (a request is counted once its
+        # answer is sent, so the last ones may still be on their way)...
         healthz = {"endpoint": "/healthz", "method": "GET", "status": "200"}
-        served = {pid: _healthz_count(directory / f"counter_{pid}.db") for pid in workers}
+
+        def counted() -> dict[int, float]:
+            return {pid: _healthz_count(directory / f"counter_{pid}.db") for pid in workers}
+
+        wait_until(lambda: sum(counted().values()) >= requests, "every request is counted")
+        served = counted()
         assert all(n > 0 for n in served.values()), served
         total = sum(served.values())
         assert total >= requests

@@ -216,7 +216,7 @@ def test_parallel_requests_never_exceed_the_budget(sessions: sessionmaker[Sessio
     """Spent on the database every node shares: 12 requests at once (SQLite, PostgreSQL), 5
     counted."""
     policy = Policy(tsa_per_minute=5)
-    start = threading.Barrier(12)
+    start = threading.Barrier(12, timeout=60)
     counted: list[bool] = []
 
     def spend() -> None:
@@ -228,7 +228,7 @@ def test_parallel_requests_never_exceed_the_budget(sessions: sessionmaker[Sessio
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
     assert sorted(counted) == [False] * 7 + [True] * 5
 
 

@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -186,6 +186,15 @@ def start_server(
 
 
 @contextmanager
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll ``condition`` every 0.1 s until it holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
+
+
 def running_server(data: Path, **policy: object) -> Iterator[LiveServer]:
     """``server init`` in ``data``, the policy changed by ``policy``, and ``server run`` until
     the block ends; the server must then stop cleanly (exit status 0)."""
