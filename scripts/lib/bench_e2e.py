@@ -13,13 +13,15 @@ HTTPS call) and the server's ``Server-Timing`` (its processing, and the HSM's pa
 
 Then the relay -> server hop alone: ``/api/v1/credentials/{id}/ecdsa`` from one kept-alive
 client in this process, its latency and the server's CPU per operation (from /proc), beside an
-empty ``GET /healthz`` on the same connection.
+empty ``GET /healthz`` on the same connection, and what the server's check of one DPoP proof
+costs (the same check, in this process).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import signal
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ from relay import control
 from relay.client import ServerClient
 from relay.config import CONTROL_SOCKET, Enrolled
 from relay.session import Session
+from server.services import dpop
 from vcard.doctor import card_answers, card_ready, percentile
 
 READER = "cardbridge vpcd 00 00"
@@ -163,13 +166,25 @@ class Bench:
               f"{verdict(op_cpu, 1.0)}")  # fmt: skip
         print(f"  an empty GET /healthz on the same kind of connection: p50 "
               f"{statistics.median(empty):.3f} ms, server CPU {empty_cpu:.3f} ms")  # fmt: skip
+        print(f"  the server's check of one DPoP proof (RFC 9449, in this process): "
+              f"{self.proof_check_ms(enrolled, self.url + path):.3f} ms of CPU")  # fmt: skip
         print()
+
+    def proof_check_ms(self, enrolled: Enrolled, url: str) -> float:
+        """CPU of :func:`server.services.dpop.verify_proof` per proof of the device key."""
+        token = base64.urlsafe_b64encode(os.urandom(24)).decode()  # bound by ath, never sent
+        proofs = [enrolled.device.proof("POST", url, access_token=token) for _ in range(self.hops)]
+        cpu0 = time.thread_time()
+        for proof in proofs:
+            dpop.verify_proof(proof, method="POST", url=url, access_token=token)
+        return (time.thread_time() - cpu0) / len(proofs) * 1e3
 
 
 def main() -> None:
     work, signatures, hops = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     print(f"cardbridge end-to-end benchmark: OpenSC -> pcscd -> vpcd -> card -> relay -> "
-          f"server -> SoftHSM2, {time.strftime('%F %T')}")  # fmt: skip
+          f"server -> SoftHSM2, {time.strftime('%F %T')}, load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
     print()
     bench = Bench(work, signatures, hops)
     try:
