@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
-import getpass
 import json
 import logging
 import signal
@@ -23,6 +22,7 @@ from relay import control
 from relay.client import RelayError, Timeouts
 from relay.enroll import enroll as enroll_device
 from relay.service import CardService
+from relay.session import read_password
 from vcard import doctor as doctor_checks
 from vcard.apdu import TRAFFIC
 from vcard.card import VirtualCard
@@ -289,12 +289,10 @@ def login(
     as_json: JsonOpt = False,
 ) -> None:
     """Open the user's session in the running card: password and TOTP."""
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            _fail("--password-stdin: stdin holds no password")
-    else:
-        password = getpass.getpass("Password: ")
+    try:
+        password = read_password(password_stdin, "Password: ")
+    except ValueError as e:
+        _fail(str(e))
     if otp is None:
         otp = typer.prompt("One-time password").strip()
     answer = _ask("login failed", {"password": password, "otp": otp}, "login")

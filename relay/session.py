@@ -10,7 +10,9 @@ and every call fails with :class:`~relay.client.NotLoggedIn` until the next logi
 
 from __future__ import annotations
 
+import getpass
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +24,20 @@ logger = logging.getLogger(__name__)
 
 REFRESH_MARGIN: Final = 30.0
 """Seconds before the access token expires when it is refreshed ahead of a call."""
+
+
+def read_password(from_stdin: bool, prompt: str) -> str:
+    """The password of a login: stdin's first line (``--password-stdin``), or asked at the
+    terminal without echo.
+
+    :raises ValueError: stdin holds no password.
+    """
+    if not from_stdin:
+        return getpass.getpass(prompt)
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError("--password-stdin: stdin holds no password")
+    return password
 
 
 @dataclass

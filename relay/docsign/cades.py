@@ -76,8 +76,6 @@ class Cades:
             )
         except SigningError as e:
             raise InputError(str(e)) from e
-        finally:
-            participant.leave()
         if run.level is Level.B_LT and run.validation is not None:
             await _add_validation_data(signed, run.validation)
         return bytes(signed.dump())

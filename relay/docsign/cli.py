@@ -38,6 +38,7 @@ from relay.docsign.longterm import Level, ValidationData, timestamper
 from relay.docsign.pades import Pades
 from relay.docsign.remote import Batch, CardChannel, Credential, CscChannel, OwnSession, SignError
 from relay.docsign.xades import Xades
+from relay.session import read_password
 
 FORMATS: Final[dict[str, Format]] = {f.name: f for f in (Pades(), Cades(), Xades())}
 SIGNATURE_SLOT: Final = "9c"
@@ -181,12 +182,10 @@ def _channel(
     if card is not None:
         return card, "card"
     user = enrolled.config.user
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise _Failed("--password-stdin: stdin holds no password")
-    else:
-        password = getpass.getpass(f"Password of {user}: ")
+    try:
+        password = read_password(password_stdin, f"Password of {user}: ")
+    except ValueError as e:
+        raise _Failed(str(e)) from None
     return OwnSession(client, user, password), "login"
 
 

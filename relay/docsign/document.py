@@ -64,7 +64,8 @@ class Format(Protocol):
         self, data: bytes, source: Path, out: Path, run: Run, participant: Participant
     ) -> bytes:
         """The signed output of ``data`` (read from ``source``, to be written to ``out``); the
-        signature's digest goes through ``participant`` exactly once, or it leaves.
+        signature's digest goes through ``participant`` at most once (the caller makes it
+        leave when the document fails before it).
 
         :raises SignError: this document could not be signed (an :class:`InputError`, or the
             batch's authorization failed).

@@ -85,6 +85,4 @@ class Pades:
             signed = await pdf_signer.async_sign_pdf(writer)
         except (PdfError, SigningError) as e:
             raise InputError(str(e).strip().partition("\n")[0]) from e
-        finally:
-            participant.leave()
         return bytes(signed.getvalue())

@@ -149,8 +149,6 @@ class Xades:
             )
         except SignXMLException as e:
             raise InputError(f"signxml: {e}") from e
-        finally:
-            participant.leave()
         document = signature
         if run.packaging == "enveloped":  # signxml signed a copy of the root element
             signature = document.find("ds:Signature", NAMESPACES)

@@ -185,7 +185,6 @@ def start_server(
     raise AssertionError(f"server not healthy after {START_TIMEOUT}s ({last}):\n{server.log()}")
 
 
-@contextmanager
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
     """Poll ``condition`` every 0.1 s until it holds; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -195,6 +194,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) ->
         time.sleep(0.1)
 
 
+@contextmanager
 def running_server(data: Path, **policy: object) -> Iterator[LiveServer]:
     """``server init`` in ``data``, the policy changed by ``policy``, and ``server run`` until
     the block ends; the server must then stop cleanly (exit status 0)."""
