@@ -20,7 +20,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.config import Policy
-from server.db import affected, runner
+from server.db import runner
 from server.errors import InvalidRequest, SadInvalid
 from server.models import Sad, utcnow
 from server.services import audit
@@ -240,16 +240,7 @@ def extend(
         if row.hashes is not None:
             _take(row, hashes, hash_oid)
         remaining, pinned, oid = len(hashes), _b64(hashes), hash_oid or row.hash_oid
-    won = affected(
-        session.execute(
-            update(Sad)
-            .where(Sad.id == row.id, Sad.remaining == row.remaining)
-            .values(remaining=0)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    if won != 1:
-        raise SadInvalid("SAD already used")
+    spend(session, Spending(row, row.remaining, row.hashes))  # all of it, or a racer won
     new = new_token()
     new_row = Sad(
         sad_hash=token_digest(new),
